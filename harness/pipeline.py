@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.data import Data, load_data
 from harness.errors import ConfigError
-from harness.evaluate import build_evaluator, preflight
+from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import log_run_report
 from harness.models import load_model
 from harness.tiny import verify_manifest
@@ -42,12 +42,14 @@ def timed(timings: dict, stage: str):
 
 def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Path):
     """Apply the defense, or load its result from the cache: a sweep of 15 attacks on one defended
-    model trains the defense once. Keyed by model, data and defense config; safetensors only."""
+    model trains the defense once. Keyed by model, data and defense config, the defense's code and
+    the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only."""
     if defense.name == "none" or not cfg.cache_defended:
         return defense(model, tokenizer, data)
     from specdef.release import load_defended, save_defended
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}
     parts["code"] = _defense_code_hash(defense)  # edited method code must not be served from the cache
+    parts["weights"] = model_fingerprint(model)
     folder = cache_dir / "defended" / config_hash(parts)
     info_path = folder / "defense_info.json"
     if info_path.is_file() and verify_manifest(folder) is None:

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.models import from_pretrained
-from harness.pipeline import run
+from harness.pipeline import defend, run
 from harness.record import read_record
 from tests.conftest import compose_cfg
 
@@ -120,3 +121,32 @@ def test_sigkill_mid_attack_leaves_no_record_and_a_rerun_completes(tmp_path):
     assert record["attack"]["extra"]["resumed_from_step"] >= 5  # continued, not restarted from zero
     assert [p["step"] for p in record["attack"]["trajectory"]] == list(range(31))
     assert json.loads((run_dir / "result.json").read_text())["status"] == "complete"
+
+
+class _CountingDefense:
+    """A cheap defense that scales one weight; counts how often it really runs."""
+    name = "counting"
+
+    def __init__(self):
+        self.calls, self.info = 0, {}
+
+    def __call__(self, model, tokenizer, data):
+        self.calls += 1
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)
+        self.info = {"calls": self.calls}
+        return model
+
+
+def test_defended_cache_is_keyed_by_the_input_weights(tiny_path, data, tmp_path):
+    """Same config, same input model: served from the cache. Same config, other input weights (a
+    regenerated tiny model, a new hub revision): trained again, never a stale copy."""
+    cfg, defense = compose_cfg("defense=rmu"), _CountingDefense()
+    first = defend(cfg, defense, from_pretrained(tiny_path)[0], None, data, tmp_path)
+    again = defend(cfg, defense, from_pretrained(tiny_path)[0], None, data, tmp_path)
+    assert defense.calls == 1 and torch.equal(first.lm_head.weight, again.lm_head.weight)
+    other, _ = from_pretrained(tiny_path)
+    with torch.no_grad():
+        other.model.norm.weight.add_(0.01)
+    defend(cfg, defense, other, None, data, tmp_path)
+    assert defense.calls == 2
