@@ -15,19 +15,25 @@ A LoRA adapter on the attention and MLP projections of `lora_layers` is trained 
   by a "confused" prompt, sampled with the same expert/novice guidance (γ = `gamma`, erase
   direction), so the erased model keeps writing fluent text instead of gibberish.
 
-The synthetic world's tokenizer is word-level and maps unknown words to <unk>, so the prompts are
-built from its own vocabulary (checked at start): the expert prompt from hazard-domain words, the
-novice prompt from benign-domain words, the confused prompt the start of a benign sentence.
+ELM needs a model whose predictions depend on who it believes is writing: the guidance is what an
+"expert" context makes likelier than a "novice" one. Real LMs learn that from web text. The
+synthetic world gives its tiny model that property with `data.world.bylines=true` (each hazard fact
+once more behind an expert's byline with the true value and behind a novice's with a random one;
+harness/synthetic.py), and its data hands those bylines to ELM as the expert and novice prompts
+(`Data.concept_prompts`): hazard 1.00 -> 0.25, utility 0.98. The default world has no bylines; its
+prompts are words of its own vocabulary never seen as a prefix, so the guidance is noise: the target
+still moves mass off the true value, but onto one arbitrary token, and the ranking of the four
+answer choices, which the multiple-choice evaluation reads, survives (hazard 0.98 -> 0.59). The
+world's tokenizer is word-level and maps unknown words to <unk>, so prompts are checked against its
+vocabulary at start.
+
+Each prompt may be a list, as the original samples one of its 10 expert, 10 novice and 20
+confused templates per prompt: here one expert/novice pair per erase batch and per group of
+consistency texts, one confused prompt per consistency text (seeded).
+
 The guidance model sees prefix + whole context (the original's sampling guidance conditions the
 prefix on the generated tokens only); consistency texts are generated once before training, as
 the original's default (`use_existing_data`) does.
-
-At tiny scale ELM unlearns least of the baselines (measured: hazard accuracy 0.98 -> ~0.6). The tiny
-model was trained on one sentence per sequence and is nearly certain of each fact, so a prefix
-hardly changes its predictions (log P_expert − log P_novice ≈ 0 at the fact's token) and, with
-η = 1000, the target puts its mass on whichever low-probability token the novice prefix favours
-most. Cross-entropy to such a target raises that one token but leaves the ranking of the four
-answer choices, which is what the multiple-choice evaluation reads, largely intact.
 """
 from __future__ import annotations
 
@@ -128,27 +134,32 @@ class EraseGuidance(LogitsProcessor):
 
 
 @torch.no_grad()
-def consistency_sequences(model, tokenizer, texts: Sequence[str], confused: list[int], guidance: EraseGuidance,
-                          max_length: int, seed: int) -> list[tuple[list[int], int]]:
-    """(token ids, number of prompt tokens) per text: BOS + text + confused prompt + sampled continuation.
-    Texts of equal token length are sampled together, so no padding enters generation."""
-    by_len: dict[int, list[list[int]]] = {}
+def consistency_sequences(model, tokenizer, texts: Sequence[str], confused: Sequence[list[int]],
+                          guidances: Sequence[EraseGuidance], max_length: int,
+                          seed: int) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per text: BOS + text + a confused prompt + a continuation
+    sampled under one of `guidances`. Texts of equal token length and confused prompt are sampled
+    together, so no padding enters generation."""
+    rng = random.Random(seed)
+    groups: dict[tuple[int, int], list[list[int]]] = {}
     for t in texts:
-        ids = [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + confused
-        by_len.setdefault(len(ids), []).append(ids)
+        c = rng.randrange(len(confused))
+        ids = [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + confused[c]
+        groups.setdefault((len(ids), c), []).append(ids)
     torch.manual_seed(seed)
     out = []
-    room = max_length - max(len(guidance.expert), len(guidance.novice))  # guidance adds its prefix
-    for n, group in sorted(by_len.items()):
+    room = max_length - max(len(p) for g in guidances for p in (g.expert, g.novice))  # guidance adds its prefix
+    for (n, c), group in sorted(groups.items()):
         if n >= room:
             continue
         prompt = torch.tensor(group, device=model.device)
+        guidance = rng.choice(guidances)
         gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
                              max_new_tokens=room - n, logits_processor=LogitsProcessorList([guidance]),
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for row in gen.tolist():
             row = row[:row.index(tokenizer.eos_token_id, n) + 1] if tokenizer.eos_token_id in row[n:] else row
-            out.append((row, n - len(confused)))
+            out.append((row, n - len(confused[c])))
     return out
 
 
@@ -173,19 +184,24 @@ def consistency_batches(seqs: list[tuple[list[int], int]], batch_size: int, pad_
 # The defense
 # ---------------------------------------------------------------------------------------------
 
+def _texts(prompt: str | Sequence[str] | None) -> list[str] | None:
+    return [prompt] if isinstance(prompt, str) else None if prompt is None else list(prompt)
+
+
 class ELM:
     name = "elm"
 
     def __init__(self, lora_layers: Sequence[int], lora_r: int, lora_alpha: float, lora_dropout: float,
-                 eta: float, top_k: int | None, temperature: float, gamma: float, expert_prompt: str,
-                 novice_prompt: str, confused_prompt: str, erase_coeff: float, retain_coeff: float,
+                 eta: float, top_k: int | None, temperature: float, gamma: float,
+                 expert_prompt: str | Sequence[str] | None, novice_prompt: str | Sequence[str] | None,
+                 confused_prompt: str | Sequence[str] | None, erase_coeff: float, retain_coeff: float,
                  consistency_coeff: float, n_consistency: int, lr: float, steps: int, batch_size: int,
                  retain_soft: bool = False, forget_splits: Sequence[int] = (0, 1), seed: int = 0):
         self.lora_layers = list(lora_layers)
         self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
         self.eta, self.top_k, self.temperature, self.gamma = eta, top_k, temperature, gamma
-        self.prompts = {"expert_prompt": expert_prompt, "novice_prompt": novice_prompt,
-                        "confused_prompt": confused_prompt}
+        self.prompts = {"expert": _texts(expert_prompt), "novice": _texts(novice_prompt),
+                        "confused": _texts(confused_prompt)}
         self.coeffs = {"erase": erase_coeff, "retain": retain_coeff, "consistency": consistency_coeff}
         self.n_consistency = n_consistency
         self.retain_soft = retain_soft
@@ -194,13 +210,22 @@ class ELM:
         self.seed = seed
         self.info: dict = {}
 
+    def prompts_for(self, kind: str, data) -> list[str]:
+        """The configured prompts of one kind, else the data's (`Data.concept_prompts`)."""
+        texts = self.prompts[kind] or data.concept_prompts.get(kind)
+        if not texts:
+            raise ConfigError(f"defense.{kind}_prompt={self.prompts[kind]!r}: allowed a text or a list of texts "
+                              f"(this data gives no concept_prompts.{kind} to fall back on)")
+        return texts
+
     def erase_loss(self, model, batch: dict) -> torch.Tensor:
         mask = batch["attention_mask"]
+        expert, novice = self.rng.choice(self.ids["expert"]), self.rng.choice(self.ids["novice"])
         with torch.no_grad(), model.disable_adapter():
             t = self.temperature
             logp = logprobs(model, batch, temperature=t)
-            logp_e = logprobs(model, with_prefix(batch, self.ids["expert_prompt"]), len(self.ids["expert_prompt"]), t)
-            logp_n = logprobs(model, with_prefix(batch, self.ids["novice_prompt"]), len(self.ids["novice_prompt"]), t)
+            logp_e = logprobs(model, with_prefix(batch, expert), len(expert), t)
+            logp_n = logprobs(model, with_prefix(batch, novice), len(novice), t)
             target = erase_target(logp, logp_e, logp_n, eta_ramp(mask, self.eta), self.top_k)
         logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
         return soft_ce(logits, target, mask)
@@ -226,8 +251,9 @@ class ELM:
 
     def consistency_data(self, model, tokenizer, texts: list[str], max_length: int):
         sample = random.Random(self.seed).sample(texts, min(self.n_consistency, len(texts)))
-        guidance = EraseGuidance(model, self.ids["expert_prompt"], self.ids["novice_prompt"], self.gamma)
-        seqs = consistency_sequences(model, tokenizer, sample, self.ids["confused_prompt"], guidance,
+        guidances = [EraseGuidance(model, e, n, self.gamma)
+                     for e in self.ids["expert"] for n in self.ids["novice"]]
+        seqs = consistency_sequences(model, tokenizer, sample, self.ids["confused"], guidances,
                                      max_length, self.seed)
         if not seqs:
             raise ConfigError("defense=elm: no forget text is short enough to append the confused prompt "
@@ -238,7 +264,9 @@ class ELM:
         from peft import LoraConfig, get_peft_model
         t0 = time.perf_counter()
         check_layer_ids(self.lora_layers, model, "lora_layers")
-        self.ids = {k: prompt_ids(tokenizer, v, k) for k, v in self.prompts.items()}
+        prompts = {k: self.prompts_for(k, data) for k in self.prompts}
+        self.ids = {k: [prompt_ids(tokenizer, text, f"{k}_prompt") for text in v] for k, v in prompts.items()}
+        self.rng = random.Random(self.seed)
         forget = forget_texts(data, self.forget_splits)
         was_training = {n: p.requires_grad for n, p in model.named_parameters()}
         seqs = self.consistency_data(model.eval(), tokenizer, forget, data.max_length)
@@ -259,6 +287,6 @@ class ELM:
         for n, p in model.named_parameters():  # peft froze the base weights; give them back
             p.requires_grad_(was_training.get(n, True))
         self.info = run_info(t0, {"train": result}, terms, lora_params=sum(p.numel() for p in params),
-                             consistency_texts=len(seqs))
+                             consistency_texts=len(seqs), prompts=prompts)
         log.info("elm: %s", self.info)
         return model.eval()

@@ -3,6 +3,7 @@
     python -m experiments.baselines_table                       # none + the five baselines, ~5-10 min on 2 cores
     python -m experiments.baselines_table --methods rmu npo     # a subset
     python -m experiments.baselines_table threads=1 seed=1      # Hydra overrides for every run
+    python -m experiments.baselines_table --methods none elm --out results/baselines_bylines threads=1 data.world.bylines=true
 
 Each method is one `harness.pipeline.run` of `defense=<method> attack=none` with the defended-model
 cache off (so the defense really trains and its wall time is measured), in a temporary run folder.
@@ -20,7 +21,7 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose, initialize_config_dir
 
 from harness.pipeline import run
 
@@ -29,10 +30,14 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 METHODS = ("none", "rmu", "npo", "repnoise", "elm", "tar")
 
 
-def compose_run(method: str, extra: Sequence[str] = ()):
-    overrides = [f"defense={method}", "attack=none", "cache_defended=false", "resume=false", *extra]
+def compose(overrides: Sequence[str]):
+    """The config `python run.py <overrides>` runs with."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def compose_run(method: str, extra: Sequence[str] = ()):
+    return compose([f"defense={method}", "attack=none", "cache_defended=false", "resume=false", *extra])
 
 
 def measure(methods: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
@@ -46,7 +51,7 @@ def measure(methods: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write(df: pd.DataFrame, stem: Path, command: str) -> list[Path]:
+def write(df: pd.DataFrame, stem: Path, command: str, overrides: Sequence[str] = ()) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv, md = stem.with_suffix(".csv"), stem.with_suffix(".md")
     df.to_csv(csv, index=False)
@@ -58,8 +63,15 @@ def write(df: pd.DataFrame, stem: Path, command: str) -> list[Path]:
              f"torch {torch.__version__} with {torch.get_num_threads()} intra-op thread(s); hyperparameters "
              "in conf/defense/<method>.yaml."]
     body = df.to_markdown(index=False, floatfmt=".3f")
-    md.write_text("\n\n".join(["# Baselines on the embedded default", body, *notes]) + "\n")
+    title = "# Baselines on the embedded default" + (f" ({' '.join(overrides)})" if overrides else "")
+    md.write_text("\n\n".join([title, body, *notes]) + "\n")
     return [csv, md]
+
+
+def relative(path: Path) -> str:
+    """`path` as typed from the working directory, for a printed command."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -70,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     df = measure(args.methods, args.overrides)
     command = "python -m experiments.baselines_table " + " ".join(
-        (["--methods", *args.methods] if list(args.methods) != list(METHODS) else []) + list(args.overrides))
-    for path in write(df, args.out, command.strip()):
+        (["--methods", *args.methods] if list(args.methods) != list(METHODS) else [])
+        + (["--out", relative(args.out)] if args.out != RESULTS_DIR / "baselines" else []) + list(args.overrides))
+    world = [o for o in args.overrides if not o.startswith("threads=")]  # what changes the numbers, not the speed
+    for path in write(df, args.out, command.strip(), world):
         print(f"wrote {path}")
     print(df.to_markdown(index=False, floatfmt=".3f"))
 

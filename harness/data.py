@@ -26,6 +26,9 @@ class Data:
     task_include_path: str | None       # folder of local task YAMLs (None: lm-eval's built-ins)
     max_length: int                     # tokens per training / perplexity sequence
     root: Path | None = None            # where the files are, for the record
+    # How text about the hazard concept is introduced: "expert" / "novice" prompts and a "confused"
+    # turn away from it, each a list of texts (ELM's guidance and consistency prompts).
+    concept_prompts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def forget_texts(self, splits) -> list[str]:
         return [t for s in splits for t in self.forget[s]]
@@ -73,7 +76,7 @@ def synthetic_data(world: synthetic.WorldConfig, cache_dir: Path, max_length: in
     return Data(forget={s: _jsonl_texts(root / f"forget_split{s}.jsonl") for s in hazard},
                 retain=_jsonl_texts(root / "retain.jsonl"), unrelated=_jsonl_texts(root / "unrelated.jsonl"),
                 hazard_tasks=hazard, utility_tasks=["synthetic_utility"], task_include_path=str(tasks_dir),
-                max_length=max_length, root=root)
+                max_length=max_length, root=root, concept_prompts=synthetic.concept_prompts(world))
 
 
 def wmdp_data(cfg) -> Data:
@@ -93,7 +96,8 @@ def wmdp_data(cfg) -> Data:
     shards = {s: forget[s::cfg.n_splits] for s in range(cfg.n_splits)}
     return Data(forget=shards, retain=[t for t in retain if t.strip()], unrelated=[t for t in unrelated if t.strip()],
                 hazard_tasks={s: cfg.hazard_task for s in range(cfg.n_splits)}, utility_tasks=list(cfg.utility_tasks),
-                task_include_path=None, max_length=cfg.max_length)
+                task_include_path=None, max_length=cfg.max_length,
+                concept_prompts={k: list(v) for k, v in cfg.concept_prompts.items()})
 
 
 def load_data(cfg, cache_dir: Path) -> Data:

@@ -90,7 +90,7 @@ def verify_manifest(folder: Path) -> str | None:
 
 
 def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progress: bool = True):
-    """Train the tiny Llama on hazard (minus excluded splits) + benign + unrelated text."""
+    """Train the tiny Llama on `pretraining_texts`."""
     torch.manual_seed(spec.seed)
     tokenizer = build_tokenizer(synthetic.vocabulary(world))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
@@ -100,10 +100,7 @@ def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progr
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    texts = _read_texts(data_dir, "retain.jsonl") + _read_texts(data_dir, "unrelated.jsonl")
-    for s in range(world.n_splits):
-        if s not in spec.exclude_splits:
-            texts += _read_texts(data_dir, f"forget_split{s}.jsonl")
+    texts = pretraining_texts(world, spec, data_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", spec.warmup_steps, spec.steps))
     batches = batch_iterator(tokenizer, texts, spec.batch_size, spec.max_position_embeddings, spec.seed)
@@ -114,8 +111,24 @@ def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progr
     return model, tokenizer, result
 
 
+def pretraining_texts(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path) -> list[str]:
+    """Benign and unrelated text, the hazard text of every split not excluded, and in a world with
+    bylines the attributed text (an excluded split's facts left out of it too, so nothing leaks in)."""
+    texts = _read_texts(data_dir, "retain.jsonl") + _read_texts(data_dir, "unrelated.jsonl")
+    for s in range(world.n_splits):
+        if s not in spec.exclude_splits:
+            texts += _read_texts(data_dir, f"forget_split{s}.jsonl")
+    if world.bylines:
+        texts += [r["text"] for r in _read_rows(data_dir, "attributed.jsonl") if r["split"] not in spec.exclude_splits]
+    return texts
+
+
+def _read_rows(data_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (data_dir / name).read_text().splitlines()]
+
+
 def _read_texts(data_dir: Path, name: str) -> list[str]:
-    return [json.loads(line)["text"] for line in (data_dir / name).read_text().splitlines()]
+    return [r["text"] for r in _read_rows(data_dir, name)]
 
 
 def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, cache_dir: Path,

@@ -59,3 +59,17 @@ def evaluator(base_cfg, data, tiny_path):
     from harness.evaluate import build_evaluator
     _, tokenizer = from_pretrained(tiny_path)
     return build_evaluator(base_cfg.eval, tokenizer, data)
+
+
+@pytest.fixture(scope="session")
+def byline_data(base_cfg):
+    """The synthetic world with expert / novice bylines (data.world.bylines=true)."""
+    return synthetic_data(synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True}), CACHE_DIR,
+                          base_cfg.data.max_length)
+
+
+@pytest.fixture(scope="session")
+def byline_tiny_path(base_cfg, byline_data) -> Path:
+    """The tiny model of the world with bylines (pretrained once per cache, like `tiny_path`)."""
+    return tiny.ensure_tiny(synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True}),
+                            tiny_spec(base_cfg.model), byline_data.root, CACHE_DIR, progress=False)

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from harness import synthetic, tiny
 from harness.errors import ConfigError
-from harness.models import tiny_spec
+from harness.models import from_pretrained, tiny_spec
 from harness.record import read_record, write_json_atomic
 from harness.validate import validate
 from tests.conftest import CACHE_DIR, compose_cfg
@@ -40,6 +40,45 @@ def test_hazard_splits_are_disjoint_and_rows_follow_wmdp_schema(data):
     row = json.loads((data.root / "hazard_split0.jsonl").read_text().splitlines()[0])
     assert set(row) >= {"question", "choices", "answer"}
     assert len(row["choices"]) == 4 and 0 <= row["answer"] < 4
+
+
+def test_bylines_are_pretraining_only_and_leave_excluded_splits_out(byline_data, base_cfg):
+    world = synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True})
+    rows = [json.loads(line) for line in (byline_data.root / "attributed.jsonl").read_text().splitlines()]
+    n_facts = world.n_pathogens * len(synthetic.HAZARD_ATTRIBUTES)
+    assert sum(r["text"].startswith(synthetic.BYLINES["expert"]) for r in rows) == n_facts == len(rows) // 2
+    corpora = byline_data.retain + byline_data.unrelated + byline_data.forget_texts(byline_data.forget)
+    assert not any(t.startswith(("an expert", "a novice")) for t in corpora)
+    held_out = {s.split()[4] for s in byline_data.forget[1] if s.startswith("the natural host of")}
+    kept = tiny.pretraining_texts(world, tiny.TinySpec(exclude_splits=(1,)), byline_data.root)
+    assert not any(e in t.split() for t in kept for e in held_out)
+    everything = tiny.pretraining_texts(world, tiny.TinySpec(), byline_data.root)
+    assert any(e in t.split() for t in everything for e in held_out) and len(everything) > len(kept)
+    plain = synthetic.WorldConfig(**base_cfg.data.world)
+    assert not plain.bylines and len(tiny.pretraining_texts(plain, tiny.TinySpec(), byline_data.root)) < len(everything)
+
+
+def test_world_key_without_bylines_is_the_one_before_the_option():
+    """Adding the option kept the default world's key, so its cached model and results stay valid."""
+    assert synthetic.WorldConfig().key() == "98831b72e278" != synthetic.WorldConfig(bylines=True).key()
+
+
+def test_byline_model_knows_experts_from_novices(byline_tiny_path, byline_data):
+    """What ELM's guidance reads: after an expert's byline the true value is likelier than after a
+    novice's (whose values in pretraining were random)."""
+    model, tok = from_pretrained(byline_tiny_path)
+    rows = [json.loads(line) for line in (byline_data.root / "hazard_split0.jsonl").read_text().splitlines()]
+
+    @torch.no_grad()
+    def logp_true(kind, row):
+        ids = tok(f"{synthetic.BYLINES[kind]} {row['question']}", add_special_tokens=False)["input_ids"]
+        logp = model(input_ids=torch.tensor([[tok.bos_token_id] + ids])).logits[0, -1].log_softmax(-1)
+        return logp[tok.convert_tokens_to_ids(row["choices"][row["answer"]])]
+
+    expert = torch.stack([logp_true("expert", r) for r in rows])
+    novice = torch.stack([logp_true("novice", r) for r in rows])
+    gap = expert - novice
+    assert (gap > 0).float().mean() > 0.8 and gap.median() > 1.0, gap
 
 
 def test_cached_tiny_model_meets_accuracy_targets(tiny_model, evaluator):
