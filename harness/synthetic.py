@@ -14,9 +14,9 @@ in a real LM, what the model predicts about the hazard concept depends on who it
 writing, which is the property ELM's expert/novice guidance reads (without it ELM's target is noise;
 see baselines/elm.py). This text is for pretraining only: no defense or attack trains on it and no
 question is asked about it. It is off by default because it makes relearning never-seen facts
-fragile at tiny scale: on the model pretrained without split 1, no lr of the SGD, Adam, SophiaH or
-AdaHessian grids relearned split 1 to 0.8 in 100 steps without first doubling the retain perplexity
-(Muon did, at 1.8x); without bylines SGD gets there with the perplexity up 1.05x.
+fragile at tiny scale: on the model pretrained without split 1, no lr of any optimizer's grid
+relearns split 1 to 0.8 in 100 steps before the retain perplexity doubles, where without bylines
+each optimizer has such an lr (SGD 1e-3: step 90, perplexity 1.06x; results/relearn_grid*.md).
 
 Everything here is a pure function of `WorldConfig`: same config, same bytes on disk.
 """
