@@ -97,7 +97,7 @@ def wmdp_data(cfg) -> Data:
     return Data(forget=shards, retain=[t for t in retain if t.strip()], unrelated=[t for t in unrelated if t.strip()],
                 hazard_tasks={s: cfg.hazard_task for s in range(cfg.n_splits)}, utility_tasks=list(cfg.utility_tasks),
                 task_include_path=None, max_length=cfg.max_length,
-                concept_prompts={k: list(v) for k, v in cfg.concept_prompts.items()})
+                concept_prompts={k: list(v) for k, v in (cfg.get("concept_prompts") or {}).items()})
 
 
 def load_data(cfg, cache_dir: Path) -> Data:

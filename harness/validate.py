@@ -74,6 +74,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
      "hazard_acc, relearned_acc or heldout_acc"),
     ("attack.sharpness_every", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
     ("attack.checkpoint_every", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
+    ("data.world.bylines", lambda x: isinstance(x, bool), "true or false"),
     ("eval.limit", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
     ("eval.batch_size", positive_int, "an integer >= 1"),
     ("defense.alpha", positive, "a finite number > 0"),

@@ -32,6 +32,7 @@ CONFIG_CASES = [
     (["defense=rmu", "defense.steps=-1"], "defense.steps=-1: allowed an integer >= 0"),
     (["attack.undo=merge"], "attack.undo='merge': allowed null, collapse or spectral"),
     (["eval.limit=0"], "eval.limit=0: allowed null or an integer >= 1"),
+    (["data.world.bylines=maybe"], "data.world.bylines='maybe': allowed true or false"),
     (["attack=muon", "attack.param_split=null"],
      "attack.param_split=None with attack.optimizer._target_=torch.optim.Muon: Muon takes only the hidden 2-D "
      "weights; allowed attack.param_split=muon (AdamW on the rest) or LoRA"),
