@@ -20,12 +20,12 @@ ELM needs a model whose predictions depend on who it believes is writing: the gu
 synthetic world gives its tiny model that property with `data.world.bylines=true` (each hazard fact
 once more behind an expert's byline with the true value and behind a novice's with a random one;
 harness/synthetic.py), and its data hands those bylines to ELM as the expert and novice prompts
-(`Data.concept_prompts`): hazard 1.00 -> 0.25, utility 0.98. The default world has no bylines; its
-prompts are words of its own vocabulary never seen as a prefix, so the guidance is noise: the target
-still moves mass off the true value, but onto one arbitrary token, and the ranking of the four
-answer choices, which the multiple-choice evaluation reads, survives (hazard 0.98 -> 0.59). The
-world's tokenizer is word-level and maps unknown words to <unk>, so prompts are checked against its
-vocabulary at start.
+(`Data.concept_prompts`): hazard 0.99 -> 0.25, utility 1.00 -> 0.98. The default world has no
+bylines; its prompts are words of its own vocabulary never seen as a prefix, so the guidance is
+noise: the target still moves mass off the true value, but onto one arbitrary token, and the
+ranking of the four answer choices, which the multiple-choice evaluation reads, survives (hazard
+0.98 -> 0.59). The world's tokenizer is word-level and maps unknown words to <unk>, so prompts are
+checked against its vocabulary at start.
 
 Each prompt may be a list, as the original samples one of its 10 expert, 10 novice and 20
 confused templates per prompt: here one expert/novice pair per erase batch and per group of

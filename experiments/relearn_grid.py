@@ -30,8 +30,9 @@ GRID = {
     "muon": ["3e-4", "1e-3", "3e-3"],
     "adahessian": ["1e-2", "2e-2", "4e-2"],
 }
-NAIVE = ["defense=none", "model.spec.exclude_splits=[1]", "attack.data.splits=[1]", "attack.recover_metric=relearned_acc",
-         "attack.recover_threshold=0.8", "attack.stop_when_recovered=true", "cache_defended=false", "resume=false"]
+NAIVE = ["defense=none", "model.spec.exclude_splits=[1]", "attack.data.splits=[1]",
+         "attack.recover_metric=relearned_acc", "attack.recover_threshold=0.8", "attack.stop_when_recovered=true",
+         "cache_defended=false", "resume=false"]
 
 
 def measure(optimizers: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
