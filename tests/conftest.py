@@ -62,14 +62,17 @@ def evaluator(base_cfg, data, tiny_path):
 
 
 @pytest.fixture(scope="session")
-def byline_data(base_cfg):
+def byline_world(base_cfg) -> synthetic.WorldConfig:
     """The synthetic world with expert / novice bylines (data.world.bylines=true)."""
-    return synthetic_data(synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True}), CACHE_DIR,
-                          base_cfg.data.max_length)
+    return synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True})
 
 
 @pytest.fixture(scope="session")
-def byline_tiny_path(base_cfg, byline_data) -> Path:
+def byline_data(base_cfg, byline_world):
+    return synthetic_data(byline_world, CACHE_DIR, base_cfg.data.max_length)
+
+
+@pytest.fixture(scope="session")
+def byline_tiny_path(base_cfg, byline_world, byline_data) -> Path:
     """The tiny model of the world with bylines (pretrained once per cache, like `tiny_path`)."""
-    return tiny.ensure_tiny(synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True}),
-                            tiny_spec(base_cfg.model), byline_data.root, CACHE_DIR, progress=False)
+    return tiny.ensure_tiny(byline_world, tiny_spec(base_cfg.model), byline_data.root, CACHE_DIR, progress=False)

@@ -42,8 +42,8 @@ def test_hazard_splits_are_disjoint_and_rows_follow_wmdp_schema(data):
     assert len(row["choices"]) == 4 and 0 <= row["answer"] < 4
 
 
-def test_bylines_are_pretraining_only_and_leave_excluded_splits_out(byline_data, base_cfg):
-    world = synthetic.WorldConfig(**{**base_cfg.data.world, "bylines": True})
+def test_bylines_are_pretraining_only_and_leave_excluded_splits_out(byline_world, byline_data, base_cfg):
+    world = byline_world
     rows = [json.loads(line) for line in (byline_data.root / "attributed.jsonl").read_text().splitlines()]
     n_facts = world.n_pathogens * len(synthetic.HAZARD_ATTRIBUTES)
     assert sum(r["text"].startswith(synthetic.BYLINES["expert"]) for r in rows) == n_facts == len(rows) // 2
