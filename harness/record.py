@@ -89,6 +89,23 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for "which machine produced this"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    import torch
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def provenance() -> dict:
     versions = {}
     for pkg in PACKAGES:
@@ -98,5 +115,5 @@ def provenance() -> dict:
             versions[pkg] = None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
-            "python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "argv": redact(sys.argv)}
+            "python": sys.version.split()[0], "platform": platform.platform(), "machine": machine(),
+            "packages": versions, "argv": redact(sys.argv)}

@@ -1,17 +1,33 @@
 """The tiny pretrained Llama of the embedded default: built offline, trained once, cached as safetensors.
 
+The weights must not depend on the machine. MKL and ATen pick different kernels on AVX2 and AVX-512
+CPUs, and 2,000 steps of training turn that rounding into a different model (0.90 vs 0.99 hazard
+accuracy with the first recipe). So pretraining runs in a subprocess whose numerics are pinned before
+torch loads (`PINNED_ENV`): MKL's SSE2 code path without approximate reciprocals, ATen's unvectorised
+kernels, a fixed thread count. Every x86-64 machine then computes the same bits (tests pin the
+checksum), at about 2x the time per step. Where that cannot hold (no MKL, not x86-64) the model is
+trained natively and the cache key says so; the recipe is chosen to land at >= 0.97 under any of
+these numerics (results/tiny_robustness.md).
+
 The cache folder is keyed by everything that determines the weights (world, tokenizer, architecture,
-training recipe, held-out splits), written to a temporary folder and renamed into place, and carries
-a manifest of sha256 checksums so that a corrupted cache is detected and rebuilt rather than used.
+training recipe and its source code, numerics, torch and transformers versions), written to a
+temporary folder and renamed into place, and carries a manifest of sha256 checksums so that a
+corrupted cache is detected and rebuilt rather than used.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import logging
+import os
+import platform
 import shutil
+import subprocess
+import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -20,11 +36,24 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from harness import synthetic
 from harness.batches import batch_iterator
+from harness.errors import ConfigError
 from harness.train import lm_loss, lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
-TINY_VERSION = 1
+TINY_VERSION = 2
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+NUMERICS = ("pinned", "native")
+PRETRAIN_THREADS = 2
+# Read by MKL and ATen when they initialise, hence set in a fresh process. MKL_CBWR=COMPATIBLE is the
+# one MKL branch documented to give the same results on Intel and non-Intel x86-64 CPUs; the MKL and
+# OpenMP thread counts are fixed because MKL's reproducibility is conditional on them.
+PINNED_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": str(PRETRAIN_THREADS),
+              "MKL_NUM_THREADS": str(PRETRAIN_THREADS), "MKL_DYNAMIC": "FALSE"}
+# Variables that would override or fight the pinned ones in the child.
+UNPINNED_VARS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
+# The code that turns a spec into weights; its source is part of the cache key.
+RECIPE_MODULES = ("harness/tiny.py", "harness/train.py", "harness/batches.py", "harness/synthetic.py")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +63,16 @@ class TinySpec:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     max_position_embeddings: int = 32
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    beta2: float = 0.95            # AdamW's second-moment decay; 0.999 let a loss spike at the end of warm-up
+    max_grad_norm: float | None = 1.0
     seed: int = 0
     exclude_splits: tuple[int, ...] = ()   # hazard splits left out of pretraining (for relearning tests)
+    numerics: str = "pinned"       # pinned: bit-identical on every x86-64 machine | native: this CPU's kernels
 
 
 def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -52,10 +84,44 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>", model_max_length=512)
 
 
+def numerics_id(numerics: str) -> str:
+    """What, besides the spec, decides the bits: the numerics actually used and the library versions."""
+    versions = f"torch={torch.__version__} transformers={metadata.version('transformers')}"
+    if numerics == "pinned" and pinned_numerics_available():
+        return f"pinned {json.dumps(PINNED_ENV, sort_keys=True)} {versions}"
+    mkl = {k: os.environ[k] for k in UNPINNED_VARS if k in os.environ}
+    return (f"native {platform.machine()} {torch.backends.cpu.get_cpu_capability()} {json.dumps(mkl, sort_keys=True)} "
+            f"threads={PRETRAIN_THREADS} {versions}")
+
+
+def pinned_numerics_available() -> bool:
+    """MKL's COMPATIBLE branch exists only where torch uses MKL, on x86-64."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkl.is_available()
+
+
+def recipe_digest() -> str:
+    h = hashlib.sha256()
+    for rel in RECIPE_MODULES:
+        h.update((REPO / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def cache_key(world: synthetic.WorldConfig, spec: TinySpec) -> str:
-    blob = json.dumps({"tiny_version": TINY_VERSION, "world": world.key(), **dataclasses.asdict(spec)},
-                      sort_keys=True)
+    blob = json.dumps({"tiny_version": TINY_VERSION, "world": world.key(), **dataclasses.asdict(spec),
+                       "numerics_id": numerics_id(spec.numerics), "recipe": recipe_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes (not the file, whose header may vary)."""
+    from safetensors.torch import load_file
+    state = load_file(Path(folder) / "model.safetensors")
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -101,11 +167,11 @@ def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progr
                          pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     texts = pretraining_texts(world, spec, data_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, spec.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", spec.warmup_steps, spec.steps))
     batches = batch_iterator(tokenizer, texts, spec.batch_size, spec.max_position_embeddings, spec.seed)
     result = train_loop(model, batches, lm_loss, [opt], schedulers=[sched], steps=spec.steps,
-                        desc="pretrain tiny", progress=progress)
+                        max_grad_norm=spec.max_grad_norm, desc="pretrain tiny", progress=progress)
     log.info("pretrained tiny model: %d steps, final loss %.3f, %.0f s", result.steps, result.losses[-1],
              result.train_seconds)
     return model, tokenizer, result
@@ -134,6 +200,8 @@ def _read_texts(data_dir: Path, name: str) -> list[str]:
 def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, cache_dir: Path,
                 progress: bool = True) -> Path:
     """Path of the cached pretrained model, training it first if the cache is missing or corrupt."""
+    if spec.numerics not in NUMERICS:
+        raise ConfigError(f"model.spec.numerics={spec.numerics!r}: allowed {', '.join(NUMERICS)}")
     folder = Path(cache_dir) / "tiny" / cache_key(world, spec)
     if folder.is_dir():
         problem = verify_manifest(folder)
@@ -141,16 +209,72 @@ def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, ca
             return folder
         log.warning("cached tiny model at %s is corrupt (%s); rebuilding", folder, problem)
         shutil.rmtree(folder)
-    log.info("pretraining the tiny model (one-off, cached at %s)", folder)
-    t0 = time.perf_counter()
-    model, tokenizer, result = pretrain(world, spec, data_dir, progress)
+    pinned = spec.numerics == "pinned" and pinned_numerics_available()
+    if spec.numerics == "pinned" and not pinned:
+        log.warning("model.spec.numerics=pinned needs an x86-64 CPU and torch with MKL (here: %s); pretraining "
+                    "with this machine's numerics, so the weights differ from the reference checksum",
+                    platform.machine())
+    log.info("pretraining the tiny model (one-off, %s numerics, cached at %s)", "pinned" if pinned else "native",
+             folder)
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    t0 = time.perf_counter()
+    report = _pretrain_in_subprocess(world, spec, Path(data_dir), tmp, pinned, progress)
     write_manifest(tmp, {"world": dataclasses.asdict(world), "spec": dataclasses.asdict(spec),
-                         "final_loss": result.losses[-1], "pretrain_seconds": time.perf_counter() - t0})
+                         "numerics_id": numerics_id(spec.numerics), "weights_sha256": weights_digest(tmp),
+                         "pretrain_seconds": round(time.perf_counter() - t0, 1), **report})
     try:
         tmp.rename(folder)
     except OSError:  # another process finished first; theirs is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _pretrain_in_subprocess(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, out: Path,
+                            pinned: bool, progress: bool, threads: int = PRETRAIN_THREADS,
+                            extra_env: dict | None = None) -> dict:
+    """Pretrain in a fresh interpreter whose numerics are set before torch loads; returns its report.
+    `threads` and `extra_env` (e.g. an emulated CPU capability) are for experiments/tiny_robustness.py."""
+    env = {k: v for k, v in os.environ.items() if not (pinned and k in UNPINNED_VARS)}
+    env.update(extra_env or {})
+    env.update(PINNED_ENV if pinned else {})
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    args = [sys.executable, "-m", "harness.tiny", "--world", json.dumps(dataclasses.asdict(world)),
+            "--spec", json.dumps(dataclasses.asdict(spec)), "--data-dir", str(data_dir), "--out", str(out),
+            "--threads", str(threads)]
+    if pinned:
+        args.append("--expect-pinned")
+    if progress:
+        args.append("--progress")
+    proc = subprocess.run(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError(f"pretraining the tiny model failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """The pretraining subprocess: train, save into --out, print a one-line JSON report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag in ("--world", "--spec", "--data-dir", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--threads", type=int, default=PRETRAIN_THREADS)
+    parser.add_argument("--expect-pinned", action="store_true")
+    parser.add_argument("--progress", action="store_true")
+    a = parser.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if a.expect_pinned and capability != "DEFAULT":
+        raise SystemExit(f"pinned numerics did not take effect: ATen runs {capability} kernels")
+    spec = json.loads(a.spec)
+    world = synthetic.WorldConfig(**json.loads(a.world))
+    spec = TinySpec(**{**spec, "exclude_splits": tuple(spec["exclude_splits"])})
+    model, tokenizer, result = pretrain(world, spec, Path(a.data_dir), progress=a.progress)
+    model.save_pretrained(a.out, safe_serialization=True)
+    tokenizer.save_pretrained(a.out)
+    print(json.dumps({"final_loss": result.losses[-1], "train_seconds": round(result.train_seconds, 1),
+                      "cpu_capability": capability, "threads": torch.get_num_threads()}), flush=True)
+
+
+if __name__ == "__main__":
+    _main()

@@ -16,10 +16,15 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
+def compose_config(overrides: Sequence[str] = ()):
+    """The config `python run.py <overrides>` runs with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
 def tiny_setup(overrides: Sequence[str] = ()) -> tuple[Path, Data]:
     """(folder of the pretrained tiny model, its data), training the model once if not cached."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+    cfg = compose_config(overrides)
     cache = Path(cfg.paths.cache_dir).expanduser()
     data = load_data(cfg.data, cache)
     path = tiny.ensure_tiny(synthetic.WorldConfig(**cfg.data.world), tiny_spec(cfg.model), data.root, cache)

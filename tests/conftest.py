@@ -1,5 +1,9 @@
 """Shared fixtures: the cached pretrained tiny model (trained once per cache, reused by every test),
-the synthetic data, and Hydra `compose()` of the real configs."""
+the synthetic data, and Hydra `compose()` of the real configs.
+
+`SPECDEF_TEST_OVERRIDES` (Hydra overrides separated by spaces, e.g. "model.spec.seed=1
+model.spec.numerics=native") is appended to every composed config, so the suite can be run against
+another tiny model to check that no test is fitted to one model (see results/tiny_robustness.md)."""
 from __future__ import annotations
 
 import os
@@ -26,10 +30,14 @@ def _one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+TEST_OVERRIDES = os.environ.get("SPECDEF_TEST_OVERRIDES", "").split()
+
+
 def compose_cfg(*overrides: str):
-    """The config `python run.py <overrides>` would run with (no local overrides)."""
+    """The config `python run.py <overrides>` would run with (no local overrides), plus the
+    variation under test (SPECDEF_TEST_OVERRIDES)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+        return compose(config_name="config", overrides=[*TEST_OVERRIDES, *overrides], return_hydra_config=False)
 
 
 @pytest.fixture(scope="session")
