@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # lm-eval metric keys kept per task (`acc/<task>`, `acc_norm/<task>`), when the task reports them.
 METRICS = ("acc", "acc_norm")
+# Task kinds that can be hazard or utility tasks: lm-eval scores them by log-likelihood, with accuracy.
+SCORED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 # Above this many bytes of weights the fingerprint samples each tensor instead of hashing every byte.
 FULL_HASH_MAX_BYTES = 512 * 2**20
 
@@ -222,6 +224,9 @@ def check_tasks_available(tasks: Sequence[str], *, include_path=None, include_de
             raise ConfigError(f"eval task {task!r}: no such task in {where}; allowed an lm-eval task or group "
                               "name, or a task YAML in a folder given as eval.include_path")
         for cfg in configs:
+            kind = cfg.get("output_type", "generate_until")  # lm-eval's default; a `class:` task says in code
+            if "class" not in cfg and kind not in SCORED_OUTPUT_TYPES:
+                raise ConfigError(_output_type_message(task, cfg.get("task", task), kind))
             path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
             problem = _dataset_problem(path, name, dict(cfg.get("dataset_kwargs") or {})) if path else None
             if problem:
@@ -261,6 +266,12 @@ def _data_signature(configs: list[dict]) -> tuple:
         if not local and Path(path).expanduser().is_dir():
             files += list(Path(path).expanduser().rglob("*"))
     return _stats(files)
+
+
+def _output_type_message(task: str, leaf: str, kind) -> str:
+    sub = f" (subtask {leaf!r})" if leaf != task else ""
+    return (f"eval task {task!r}{sub}: output_type {kind!r}; allowed {' or '.join(SCORED_OUTPUT_TYPES)} "
+            "(hazard and utility tasks are scored by accuracy)")
 
 
 def _unavailable_message(task: str, leaf: str, path: str, name: str | None, problem: str) -> str:
@@ -373,10 +384,8 @@ def build_requests(loaded: dict, limit: int | None) -> TaskRequests:
         for name, task in loaded["tasks"].items():
             task_limit = get_sample_size(task, limit)
             task.build_all_requests(limit=task_limit, rank=0, world_size=1)
-            bad = [i for i in task.instances if i.request_type != "loglikelihood" or (i.repeats or 1) != 1]
-            if bad:
-                raise ConfigError(f"eval task {name!r}: output_type {task.OUTPUT_TYPE!r}; allowed multiple_choice "
-                                  "or loglikelihood tasks scored by accuracy")
+            if any(i.request_type != "loglikelihood" or (i.repeats or 1) != 1 for i in task.instances):
+                raise ConfigError(_output_type_message(name, name, task.OUTPUT_TYPE))
             by_doc: dict[int, list] = {}
             for inst in task.instances:
                 by_doc.setdefault(inst.doc_id, []).append(inst)
@@ -470,9 +479,9 @@ class Evaluator:
         check_tasks_available(self.tasks, include_path=list(paths), manager=self._manager)
         configs = [c for t in self.tasks for c in _leaf_configs(t, self._manager.task_index)]
         self.requests = shared_requests(self._manager, self.tasks, limit, source + _data_signature(configs))
-        self._tokenizer_id = tokenizer_key(tokenizer)
+        self.tokenizer_id = tokenizer_key(tokenizer)
         # retain_ppl is always reported (1.0 on no text), forget_ppl only with forget text
-        self._ppl_batches = {name: encode_batches(tokenizer, texts, max_length)
+        self.ppl_batches = {name: encode_batches(tokenizer, texts, max_length)
                              for name, texts in self.ppl_texts.items() if texts or name == "retain_ppl"}
         self.versions: dict = {}         # lm-eval task (and group) versions, for the record
         self._memo: OrderedDict[str, dict] = OrderedDict()
@@ -498,7 +507,7 @@ class Evaluator:
         for role, tasks in self.roles.items():
             n = sum(sizes[t] for t in tasks)
             metrics[f"{role}_acc"] = sum(scores[f"acc/{t}"] * sizes[t] for t in tasks) / n if n else float("nan")
-        for name, batches in self._ppl_batches.items():
+        for name, batches in self.ppl_batches.items():
             if plain:
                 batches = encode_batches(self.tokenizer, self.ppl_texts[name], self.max_length)
             metrics[name] = perplexity(model, batches)
@@ -511,7 +520,7 @@ class Evaluator:
         lm = _quiet_hflm()(pretrained=model, tokenizer=self.tokenizer, device=device, batch_size=self.batch_size,
                            max_length=self.max_length)
         with torch.no_grad():
-            out = self._plain_results(lm) if plain else score_requests(lm, self.requests, self._tokenizer_id)
+            out = self._plain_results(lm) if plain else score_requests(lm, self.requests, self.tokenizer_id)
         model.train(was_training)
         # every task and group that ran, subtasks included (the record keeps them all)
         self.versions.update({t: v for t, v in out.get("versions", {}).items()})

@@ -114,6 +114,10 @@ def test_preflight_names_a_missing_local_file(tmp_path):
         evaluate.check_tasks_available(["local_copy"], include_path=str(tmp_path), include_defaults=False)
     with pytest.raises(ConfigError, match="'nonexistent_task': no such task"):
         evaluate.check_tasks_available(["nonexistent_task"], include_path=str(tmp_path), include_defaults=False)
+    generative = {**task, "task": "local_generative", "output_type": "generate_until"}
+    (tmp_path / "local_generative.yaml").write_text(json.dumps(generative))
+    with pytest.raises(ConfigError, match="'local_generative': output_type 'generate_until'; allowed multiple_choice"):
+        evaluate.check_tasks_available(["local_generative"], include_path=str(tmp_path), include_defaults=False)
 
 
 def test_preflight_offline_wmdp_fails_fast_with_the_message(tmp_path):
