@@ -389,16 +389,17 @@ def build_requests(loaded: dict, limit: int | None) -> TaskRequests:
             by_doc: dict[int, list] = {}
             for inst in task.instances:
                 by_doc.setdefault(inst.doc_id, []).append(inst)
-            docs[name] = [(doc, sorted(by_doc[doc_id], key=lambda i: i.idx))
-                          for doc_id, doc in task.doc_iterator(limit=task_limit)]
+            # the documents the instances were built from: those `evaluate` reads again to score
+            docs[name] = [(group[0].doc, sorted(group, key=lambda i: i.idx)) for _, group in sorted(by_doc.items())]
             instances += task.instances
     return TaskRequests(loaded=loaded, instances=instances, docs=docs)
 
 
-def shared_requests(manager, tasks: Sequence[str], limit: int | None, source: tuple) -> TaskRequests:
-    """The requests of `tasks` built once per process for each (tasks, limit, task sources);
-    `source` identifies the task YAMLs and local data files they were read from."""
-    key = (tuple(tasks), limit, source)
+def shared_requests(manager, tasks: Sequence[str], limit: int | None) -> TaskRequests:
+    """The requests of `tasks` built once per process for each task index (`manager`: its folders and
+    their YAMLs), tasks, limit, and state of the local data files they read."""
+    configs = [c for t in tasks for c in _leaf_configs(t, manager.task_index)]
+    key = (manager, tuple(tasks), limit, _data_signature(configs))
     if key not in _shared_requests:
         _shared_requests[key] = build_requests(manager.load(list(tasks)), limit)
         while len(_shared_requests) > SHARED_REQUESTS_MAX:
@@ -427,7 +428,7 @@ def score_requests(lm, requests: TaskRequests, tokenizer_id) -> dict:
 def _raw_metrics(task, docs: list[tuple[dict, list]]) -> dict:
     """Per-document metrics of a task, per filter (the loop of lm-eval's `evaluate`)."""
     raw = defaultdict(list)
-    for filter_key in docs[0][1][0].filtered_resps:
+    for filter_key in task.instances[0].filtered_resps:
         for doc, instances in docs:
             metrics = task.process_results(doc, [i.filtered_resps[filter_key] for i in instances])
             for metric, value in metrics.items():
@@ -473,12 +474,10 @@ class Evaluator:
         self.batch_size = batch_size
         self.limit = limit
         paths = _as_paths(include_path)
-        source = _source_signature(paths)
-        self._manager = _task_manager(paths, include_defaults, source)
+        self._manager = _task_manager(paths, include_defaults, _source_signature(paths))
         # a missing dataset gets one actionable message rather than a `datasets` traceback
         check_tasks_available(self.tasks, include_path=list(paths), manager=self._manager)
-        configs = [c for t in self.tasks for c in _leaf_configs(t, self._manager.task_index)]
-        self.requests = shared_requests(self._manager, self.tasks, limit, source + _data_signature(configs))
+        self.requests = shared_requests(self._manager, self.tasks, limit)
         self.tokenizer_id = tokenizer_key(tokenizer)
         # retain_ppl is always reported (1.0 on no text), forget_ppl only with forget text
         self.ppl_batches = {name: encode_batches(tokenizer, texts, max_length)
