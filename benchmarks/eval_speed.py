@@ -31,6 +31,15 @@ from harness.models import load_model
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def load(overrides: list[str]):
+    """The run config, data, model and tokenizer `python run.py <overrides>` would use."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    cache = Path(cfg.paths.cache_dir).expanduser()
+    data = load_data(cfg.data, cache)
+    return (cfg, data, *load_model(cfg.model, cfg.data, data, cache))
+
+
 def forward_passes(evaluator, model) -> None:
     """What an evaluation cannot avoid: the model on every request and every perplexity text."""
     lm = _quiet_hflm()(pretrained=model, tokenizer=evaluator.tokenizer, device=str(model.device),
@@ -55,11 +64,7 @@ def main(argv=None) -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the run config (e.g. eval.limit=50)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args.overrides)
-    cache = Path(cfg.paths.cache_dir).expanduser()
-    data = load_data(cfg.data, cache)
-    model, tokenizer = load_model(cfg.model, cfg.data, data, cache)
+    cfg, data, model, tokenizer = load(args.overrides)
     evaluator = build_evaluator(cfg.eval, tokenizer, data)
 
     def evaluation():
