@@ -286,8 +286,9 @@ def test_edited_task_file_is_read_again(tmp_path, tiny_path, data):
     def score():
         ev = evaluate.Evaluator(tokenizer, hazard_tasks=["local_edit"], utility_tasks=[], include_path=str(tmp_path),
                                 ppl_texts=data.retain[:4], max_length=data.max_length)
-        return ev.evaluate(model)["acc/local_edit"]
-    assert score() > 0.8
-    wrong = [{**r, "answer": (r["answer"] + 1) % 4} for r in rows[:10]]
-    _jsonl(tmp_path / "q.jsonl", wrong)
-    assert score() < 0.2
+        return ev.lm_eval_scores(model)
+    scores, sizes = score()
+    assert scores["acc/local_edit"] > 0.8 and sizes == {"local_edit": 10}
+    _jsonl(tmp_path / "q.jsonl", [{**r, "answer": (r["answer"] + 1) % 4} for r in rows[:9]])  # wrong answers
+    scores, sizes = score()
+    assert scores["acc/local_edit"] < 0.2 and sizes == {"local_edit": 9}
