@@ -45,14 +45,19 @@ def batch_iterator(tokenizer, texts: Sequence[str], batch_size: int, max_length:
         yield encode(tokenizer, [texts[i] for i in chunk], max_length)
 
 
+def encode_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64) -> list[dict]:
+    """`texts` as consecutive encoded batches (for perplexity: tokenize once, score many models)."""
+    return [encode(tokenizer, texts[i:i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64) -> float:
-    """Token-level perplexity exp(mean NLL) over `texts`; inf if the model produces non-finite logits."""
+def perplexity(model, batches: Sequence[dict]) -> float:
+    """Token-level perplexity exp(mean NLL) over encoded batches (`encode_batches`); inf if the model
+    produces non-finite logits."""
     model.eval()
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        b = encode(tokenizer, texts[i:i + batch_size], max_length)
+    for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         shift_labels = b["labels"][:, 1:]
