@@ -64,8 +64,12 @@ def measure(seeds: Sequence[int], threads: Sequence[int], capabilities: Sequence
     from harness.data import load_data
     cfg = compose_config(overrides)
     data = load_data(cfg.data, Path(cfg.paths.cache_dir).expanduser())
+    def one(variant):
+        row = pretrain_one(cfg, data, *variant)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        return row
     with ThreadPoolExecutor(jobs) as pool:
-        rows = list(pool.map(lambda v: pretrain_one(cfg, data, *v), variants(seeds, threads, capabilities)))
+        rows = list(pool.map(one, variants(seeds, threads, capabilities)))
     return pd.DataFrame(rows)
 
 
