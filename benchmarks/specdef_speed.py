@@ -196,21 +196,38 @@ def run_dense(args, shape: tuple[int, int]) -> dict:
     return result
 
 
+@torch.no_grad()
+def expert_sigma1(experts: GptOssExperts, iters: int = 30) -> torch.Tensor:
+    """σ₁ of each expert's down projection by power iteration (a full SVD per expert would take minutes)."""
+    w = experts.down_proj.detach()  # (E, in, out): Wₑ = w[e].T
+    x = torch.randn(w.shape[0], w.shape[2], 1, generator=torch.Generator().manual_seed(0))
+    for _ in range(iters):
+        x = w.transpose(1, 2) @ (w @ x)
+        x /= x.norm(dim=1, keepdim=True)
+    return (w @ x).norm(dim=(1, 2))
+
+
 def run_moe(args, shape: dict) -> dict:
     experts = gpt_oss_experts(shape)
     n_exp, hidden, inter = shape["num_local_experts"], shape["hidden_size"], shape["intermediate_size"]
+    before = expert_sigma1(experts)
     layer_mb = experts.down_proj.numel() * 4 / 2**20
     print(f"GPT-OSS experts layer: {n_exp} experts, down_proj {tuple(experts.down_proj.shape)} float32 "
           f"({layer_mb:.0f} MiB) + biases", flush=True)
     model = Container([experts], name="experts")
     reports, rss, seconds = defend_each(model, "experts", args.k, args.alpha, args.compute_dtype)
     report = reports[0]
-    result = {"moe_seconds": seconds, "moe_peak_transient_mib": rss.peak_transient / 2**20,
+    per_expert = expert_sigma1(experts) / (args.alpha * before)
+    result = {"moe_seconds": seconds, "moe_expert_sigma_ratio_min": float(per_expert.min()),
+              "moe_expert_sigma_ratio_max": float(per_expert.max()), "moe_peak_transient_mib": rss.peak_transient / 2**20,
               "moe_comp_params": hidden ** 2, "moe_per_expert_comp_params": n_exp * hidden ** 2,
               "moe_down_proj_params": n_exp * hidden * inter, "moe_sigma_ratio": report.sigma_ratio}
     print(f"experts path (k={args.k}): {seconds:.2f} s per layer; transient peak {result['moe_peak_transient_mib']:.0f} "
           f"MiB = {result['moe_peak_transient_mib'] / layer_mb:.2f} x the layer's down_proj; sigma1 ratio "
-          f"{report.sigma_ratio:.5f}")
+          f"{report.sigma_ratio:.5f} (all experts side by side)")
+    print(f"each expert alone: sigma1(W'_e) / (alpha sigma1(W_e)) {result['moe_expert_sigma_ratio_min']:.3f} .. "
+          f"{result['moe_expert_sigma_ratio_max']:.3f} (these experts share no direction: a k-dimensional U "
+          "holds only part of each one's top direction)")
     print(f"compensation: {hidden ** 2:,} parameters per layer ({hidden ** 2 / (n_exp * hidden * inter):.1%} of the "
           f"experts' down_proj); one per expert would be {n_exp * hidden ** 2:,}")
     return result
