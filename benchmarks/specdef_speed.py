@@ -119,14 +119,16 @@ class RssSampler:
         self._thread.join()
 
 
-def defend_each(model: Container, name: str, k: int, alpha: float, compute_dtype: str) -> tuple[list, RssSampler, float]:
+def defend_each(model: Container, name: str, k: int, alpha: float,
+                compute_dtype: str) -> tuple[list, RssSampler, float]:
     """SpecDef with the defaults through the public `transform`, one layer per call so the sampler
     can credit each finished compensation matrix."""
     reports = []
     t0 = time.perf_counter()
     with RssSampler() as rss:
         for i, block in enumerate(model.layers):
-            reports += transform(model, alpha=alpha, k=k, layers=[f"layers.{i}.mlp.{name}"], compute_dtype=compute_dtype)
+            reports += transform(model, alpha=alpha, k=k, layers=[f"layers.{i}.mlp.{name}"],
+                                 compute_dtype=compute_dtype)
             comp = getattr(block.mlp, name).comp.weight
             rss.credited += comp.numel() * comp.element_size()
     return reports, rss, time.perf_counter() - t0
@@ -218,16 +220,18 @@ def run_moe(args, shape: dict) -> dict:
     reports, rss, seconds = defend_each(model, "experts", args.k, args.alpha, args.compute_dtype)
     report = reports[0]
     per_expert = expert_sigma1(experts) / (args.alpha * before)
-    result = {"moe_seconds": seconds, "moe_expert_sigma_ratio_min": float(per_expert.min()),
-              "moe_expert_sigma_ratio_max": float(per_expert.max()), "moe_peak_transient_mib": rss.peak_transient / 2**20,
+    result = {"moe_seconds": seconds, "moe_peak_transient_mib": rss.peak_transient / 2**20,
+              "moe_expert_sigma_ratio_min": float(per_expert.min()),
+              "moe_expert_sigma_ratio_max": float(per_expert.max()),
               "moe_comp_params": hidden ** 2, "moe_per_expert_comp_params": n_exp * hidden ** 2,
               "moe_down_proj_params": n_exp * hidden * inter, "moe_sigma_ratio": report.sigma_ratio}
-    print(f"experts path (k={args.k}): {seconds:.2f} s per layer; transient peak {result['moe_peak_transient_mib']:.0f} "
-          f"MiB = {result['moe_peak_transient_mib'] / layer_mb:.2f} x the layer's down_proj; sigma1 ratio "
-          f"{report.sigma_ratio:.5f} (all experts side by side)")
+    transient = result["moe_peak_transient_mib"]
+    print(f"experts path (k={args.k}): {seconds:.2f} s per layer; transient peak {transient:.0f} MiB = "
+          f"{transient / layer_mb:.2f} x the layer's down_proj; sigma1 ratio {report.sigma_ratio:.5f} "
+          "(all experts side by side)")
     print(f"each expert alone: sigma1(W'_e) / (alpha sigma1(W_e)) {result['moe_expert_sigma_ratio_min']:.3f} .. "
-          f"{result['moe_expert_sigma_ratio_max']:.3f} (these experts share no direction: a k-dimensional U "
-          "holds only part of each one's top direction)")
+          f"{result['moe_expert_sigma_ratio_max']:.3f} (an expert's sigma1 grows alpha-fold as far as its top "
+          "direction lies in the shared U; these experts' top directions are independent)")
     print(f"compensation: {hidden ** 2:,} parameters per layer ({hidden ** 2 / (n_exp * hidden * inter):.1%} of the "
           f"experts' down_proj); one per expert would be {n_exp * hidden ** 2:,}")
     return result
@@ -240,20 +244,25 @@ def main(argv=None) -> dict:
                                                              "and 8 experts of 256 x 256")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=1e4)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: as set)")
     parser.add_argument("--compute-dtype", default="float64", choices=["float64", "float32"],
                         help="dtype of the algebra (defense.compute_dtype)")
     parser.add_argument("--skip-full", action="store_true", help="skip the full-SVD layer (~1 min at full size)")
     parser.add_argument("--skip-moe", action="store_true", help="skip the GPT-OSS experts layer")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    print(f"torch threads {torch.get_num_threads()} of {os.cpu_count()} cores; load average {load:.1f} "
-          f"(above the core count the timings are inflated)", flush=True)
-    result = {"threads": args.threads, "load_average": load, **run_dense(args, SMALL if args.small else BIG)}
-    if not args.skip_moe:
-        result.update(run_moe(args, GPT_OSS_SMALL if args.small else GPT_OSS_20B))
-    return result
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        load = os.getloadavg()[0]
+        print(f"torch threads {torch.get_num_threads()} of {os.cpu_count()} cores; load average {load:.1f} "
+              f"(above the core count the timings are inflated)", flush=True)
+        result = {"threads": torch.get_num_threads(), "load_average": load,
+                  **run_dense(args, SMALL if args.small else BIG)}
+        if not args.skip_moe:
+            result.update(run_moe(args, GPT_OSS_SMALL if args.small else GPT_OSS_20B))
+        return result
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

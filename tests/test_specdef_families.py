@@ -41,7 +41,30 @@ FAMILIES = {
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "experts", SpecDefExperts),
     "qwen3_moe": ({"num_experts": 4, "head_dim": 16, **MOE}, "experts", SpecDefExperts),
     "gpt_oss": ({"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,  # transposed, with biases
-                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, "experts", SpecDefExperts),
+                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+                "experts", SpecDefExperts),
+}
+# more families whose defaults the README lists
+MORE = {
+    "mistral": ({}, "down_proj", SpecDefLinear),
+    "gemma": ({"head_dim": 16}, "down_proj", SpecDefLinear),
+    "gemma3_text": ({"head_dim": 16}, "down_proj", SpecDefLinear),
+    "qwen3": ({"head_dim": 16}, "down_proj", SpecDefLinear),
+    "granite": ({}, "down_proj", SpecDefLinear),
+    "smollm3": ({}, "down_proj", SpecDefLinear),
+    "olmo2": ({}, "down_proj", SpecDefLinear),
+    "stablelm": ({}, "down_proj", SpecDefLinear),
+    "mpt": ({"d_model": 64, "n_heads": 4, "n_layers": 3}, "down_proj", SpecDefLinear),
+    "falcon": ({}, "dense_4h_to_h", SpecDefLinear),
+    "bloom": ({"n_head": 4}, "dense_4h_to_h", SpecDefLinear),
+    "phi": ({}, "fc2", SpecDefLinear),
+    "codegen": ({"rotary_dim": 8}, "fc_out", SpecDefLinear),
+    "gpt_neo": ({"attention_types": [[["global", "local"], 1], [["global"], 1]], "num_layers": 3}, "c_proj",
+                SpecDefLinear),
+    "gpt_bigcode": ({}, "c_proj", SpecDefLinear),
+    "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, "experts", SpecDefExperts),
+    "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "experts", SpecDefExperts),
+    "phimoe": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "experts", SpecDefExperts),
 }
 # MoE families whose blocks also hold dense layers the defaults must find
 MIXED = {
@@ -58,7 +81,8 @@ def pretrained(model_type: str, overrides: dict, dtype: torch.dtype, tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / f"{model_type}-base"
     if not folder.exists():
-        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**COMMON, **overrides})).save_pretrained(folder)
+        config = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")  # torch's grouped_mm has no float64 kernel
@@ -80,15 +104,27 @@ def rel(a, b) -> float:
 
 @torch.no_grad()
 def layer_io(model, names):
-    """name -> (args, kwargs, output) of each layer in one forward pass (real activations and routing)."""
+    """name -> (args, kwargs, output) of each layer in one forward pass (real activations and routing),
+    copied: some blocks add into a layer's output in place (Falcon's parallel attention)."""
     seen, hooks = {}, []
+
+    def keep(name):
+        return lambda module, args, kwargs, out: seen.__setitem__(name, _copy((args, kwargs, out)))
+
     for name in names:
-        hook = (lambda n: lambda mod, args, kwargs, out: seen.__setitem__(n, (args, kwargs, out)))(name)
-        hooks.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+        hooks.append(model.get_submodule(name).register_forward_hook(keep(name), with_kwargs=True))
     logits(model)
     for h in hooks:
         h.remove()
     return seen
+
+
+def _copy(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_copy(v) for v in x)
+    return {k: _copy(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
 def sigma1(module) -> float:
@@ -136,9 +172,9 @@ def check_family(model_type, overrides, tmp_path):
     return reports, classes
 
 
-@pytest.mark.parametrize("model_type", list(FAMILIES))
+@pytest.mark.parametrize("model_type", [*FAMILIES, *MORE])
 def test_default_layers_defend_each_family_exactly(model_type, tmp_path):
-    overrides, last_name, cls = FAMILIES[model_type]
+    overrides, last_name, cls = {**FAMILIES, **MORE}[model_type]
     reports, classes = check_family(model_type, overrides, tmp_path)
     assert len(reports) == 3 and all(r.name.endswith(f".{last_name}") for r in reports)
     assert classes == {cls}
