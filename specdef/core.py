@@ -364,9 +364,9 @@ def amplify_(weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor, a
         probe = probe.to(_read_dtype(w.dtype))
         y = torch.zeros(w.shape[1], dtype=probe.dtype, device=w.device)
     n = w.shape[2]
-    # one buffer for every block: a fresh float64 block per step would page-fault its memory in each time
-    buffer = None if w.dtype == compute_dtype else torch.empty(w.shape[1], min(CHUNK, n), dtype=compute_dtype,
-                                                               device=w.device)
+    # one buffer for every block (a fresh one per step would page-fault its memory in each time), laid
+    # out like a block: W stored transposed (Conv1D, GPT-OSS experts) then copies without transposing
+    buffer = None if w.dtype == compute_dtype else torch.empty_like(w[0, :, :CHUNK], dtype=compute_dtype)
     for e in range(w.shape[0]):
         for j in range(0, n, CHUNK):
             block = w[e, :, j:j + CHUNK]
