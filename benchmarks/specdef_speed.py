@@ -12,7 +12,9 @@ trained weights: W = A·diag(s)·B (rank 64, s_i = i^-0.5) plus a flat noise flo
   blocks, the float64 round trip of W with the two rank-k float64 products and the σ₁ probe, and the
   product U Uᵀ of C), timed on one layer; fast / floor is the overhead of everything else;
 - the full-SVD path (`method=exact`) on one layer, and full / fast per layer;
-- peak extra resident memory while defending, with the inserted compensation layers counted apart.
+- peak extra resident memory while defending, with the inserted compensation layers counted apart;
+- how much of σ₁ the fast path's subspace captures on a flat-spectrum layer (the worst case),
+  beside the previous default, torch.svd_lowrank with 4 power iterations.
 MoE: one GPT-OSS-20b experts module (32 experts, hidden 2880, intermediate 2880, down_proj stored
 transposed with biases; shapes from its config) through the experts path: time, peak extra memory, the
 σ₁ check and the parameter cost of the one shared compensation against one per expert. Its gate_up_proj
@@ -32,7 +34,7 @@ from torch import nn
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from specdef.core import CHUNK, NITER, transform
+from specdef.core import CHUNK, NITER, krylov_basis, rayleigh_ritz, top_subspaces, transform
 
 BIG = (4096, 14336)     # Llama-3.1-8B: hidden x intermediate (down_proj is out=4096, in=14336)
 SMALL = (256, 896)
@@ -168,6 +170,24 @@ def run_full(shape: tuple[int, int], k: int, alpha: float, compute_dtype: str) -
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def subspace_quality(shape: tuple[int, int], k: int) -> dict:
+    """σ₁(UᵀW) / σ₁(W) on a flat-spectrum (Gaussian) layer, the worst case for randomized methods:
+    the fast path's U against torch.svd_lowrank(q=k+8, niter=4), the previous default (10 passes).
+    σ₁(W) from a block Krylov run far past convergence (blocks of 64, 8 iterations)."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) / shape[1] ** 0.5
+    reference = rayleigh_ritz(w[None], krylov_basis(w[None], 64, 8, torch.Generator().manual_seed(1)), 1).sigma1
+    fast = top_subspaces(w, k).u.float()
+    torch.manual_seed(0)
+    previous = torch.svd_lowrank(w, q=k + 8, niter=4)[0][:, :k]
+    captured = {name: float(torch.linalg.matrix_norm(u.T @ w, ord=2)) / reference
+                for name, u in (("fast", fast), ("previous", previous))}
+    print(f"subspace on a flat-spectrum layer (worst case): sigma1(U^T W) / sigma1(W) = {captured['fast']:.4f} "
+          f"(block Krylov, niter={NITER}, {2 * NITER + 2} passes); {captured['previous']:.4f} "
+          "(torch.svd_lowrank, niter=4, 10 passes)", flush=True)
+    return {"flat_captured_fast": captured["fast"], "flat_captured_previous": captured["previous"]}
+
+
 def run_dense(args, shape: tuple[int, int]) -> dict:
     layer_mb = shape[0] * shape[1] * 4 / 2**20
     print(f"building {args.layers} float32 layers of {shape[0]} x {shape[1]} ({layer_mb:.0f} MiB each)", flush=True)
@@ -195,6 +215,8 @@ def run_dense(args, shape: tuple[int, int]) -> dict:
         result.update(full_per_layer_s=full, full_over_fast=full / per_layer)
         print(f"full SVD path (exact) on one layer: {full:.2f} s; per-layer full / fast = {full / per_layer:.1f}x",
               flush=True)
+    del model
+    result.update(subspace_quality(shape, args.k))
     return result
 
 
