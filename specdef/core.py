@@ -61,14 +61,14 @@ ROWS = 1024
 @dataclasses.dataclass
 class LayerReport:
     name: str
+    kind: str                       # linear | conv1d | experts
     shape: tuple[int, int]          # (out, in) of the original weight (of one expert for experts)
+    experts: int                    # matrices sharing U and C (1 but for experts)
+    k: int                          # directions amplified (below the requested k under k_policy=clip)
     sigma1: float                   # σ₁(W) before ([W₁ … W_E] for experts)
     sigma1_defended: float          # σ₁(W') after (as stored, in the model's dtype)
     sigma_ratio: float              # σ₁(W') / (α σ₁(W)); 1 when U holds the top singular direction
     seconds: float
-    k: int = 0                      # directions amplified (below the requested k under k_policy=clip)
-    kind: str = "linear"            # linear | conv1d | experts
-    experts: int = 1                # matrices sharing U and C
 
 
 @dataclasses.dataclass
@@ -196,7 +196,7 @@ def match_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
 
 def _examples(names: list[str], n: int = 6) -> list[str]:
     # prefer the last block's layers: they show the naming scheme without listing every block
-    return names[-n:] if names else ["<the model has no nn.Linear>"]
+    return names[-n:] if names else ["<the model has none>"]
 
 
 def decoder_blocks(model: nn.Module) -> list[str]:
@@ -316,7 +316,7 @@ def rayleigh_ritz(w: torch.Tensor, q: torch.Tensor, k: int) -> Subspace:
     top = evecs[:, -1]
     sigma1 = math.sqrt(max(float(evals[-1]), 0.0))
     u = q.double() @ evecs.flip(1)[:, :k]
-    return Subspace(u=u, v1=(z @ top) / sigma1 if sigma1 > 0 else z[:, 0] * 0, sigma1=sigma1)
+    return Subspace(u=u, v1=(z @ top) / sigma1 if sigma1 > 0 else torch.zeros_like(z[:, 0]), sigma1=sigma1)
 
 
 def top_subspaces(weight: torch.Tensor, k: int, method: str = "lowrank", niter: int = NITER,
@@ -332,8 +332,8 @@ def top_subspaces(weight: torch.Tensor, k: int, method: str = "lowrank", niter: 
     w = w.unsqueeze(0) if w.dim() == 2 else w
     out = w.shape[1]
     block = min(k + 8, out)
-    if method == "exact" or (niter + 1) * block >= out:
-        # the Krylov space would be all of R^out: the exact SVD is no dearer
+    if method == "exact" or (niter + 1) * block >= min(out, w.shape[0] * w.shape[2]):
+        # the Krylov space would hold the whole range of M: the exact SVD is no dearer
         m = torch.cat([_readable(w[e]) for e in range(w.shape[0])], dim=1)
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         sub = Subspace(u=u[:, :k], v1=vh[0], sigma1=float(s[0]))
@@ -418,9 +418,9 @@ def defend_layer(module: nn.Module, *, alpha: float, k: int, method: str = "lowr
     s_after = float(amplify_(w, b, sub.u, alpha, compute_dtype, probe=sub.v1).double().norm())
     if not math.isfinite(s_after):
         s_after = float("inf")  # W' overflowed its dtype (float16 at large α); the drift shows the damage
-    report = LayerReport(name=name, shape=(w.shape[1], w.shape[2]), sigma1=sub.sigma1, sigma1_defended=s_after,
-                         sigma_ratio=s_after / (alpha * sub.sigma1) if sub.sigma1 > 0 else float("nan"),
-                         seconds=0.0, k=k, kind=kind(module), experts=w.shape[0])
+    report = LayerReport(name=name, kind=kind(module), shape=(w.shape[1], w.shape[2]), experts=w.shape[0], k=k,
+                         sigma1=sub.sigma1, sigma1_defended=s_after,
+                         sigma_ratio=s_after / (alpha * sub.sigma1) if sub.sigma1 > 0 else float("nan"), seconds=0.0)
     if compensate:
         out = w.shape[1]
         comp = nn.Linear(out, out, bias=False, device="meta")

@@ -270,3 +270,24 @@ def test_defaults_that_miss_a_block_say_so(tmp_path, caplog):
     lines = [r.message for r in caplog.records if "decoder blocks" in r.message]
     assert lines == ["specdef: the default layers cover 2 of 3 decoder blocks; no defended layer in "
                      "['model.layers.1'] (name them in defense.layers)"]
+
+
+def test_run_record_and_manifest_say_what_the_defaults_and_k_policy_left_out(tiny_model, data, tmp_path):
+    """The pretrained tiny Llama with block 3's MLP swapped for one the defaults do not know, and k above
+    the rank (128) of every down projection under k_policy=clip."""
+    from specdef.defense import SpecDef
+    model, tokenizer = tiny_model
+    model.model.layers[3].mlp = nn.Identity()
+    defense = SpecDef(alpha=10.0, k=129, layers=None, k_policy="clip", drift_samples=8, save_dir=str(tmp_path / "rel"))
+    defense(model, tokenizer, data)
+    info = defense.info
+    defended = [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    assert info["layers_matched"] == defended and info["k_policy"] == "clip"
+    assert info["layers_clipped"] == [{"name": n, "rank": 128} for n in defended] and info["layers_skipped"] == []
+    assert info["blocks_without_defended_layer"] == ["model.layers.3"]
+    assert [r["k"] for r in info["layer_reports"]] == [128] * 3
+    assert info["drift"]["rel_logit_error"] < 1e-5
+    manifest = json.loads((tmp_path / "rel" / "manifest.json").read_text())
+    assert {key: manifest[key] for key in ("k", "k_policy", "layers_clipped", "blocks_without_defended_layer")} == {
+        "k": 129, "k_policy": "clip", "layers_clipped": info["layers_clipped"],
+        "blocks_without_defended_layer": ["model.layers.3"]}
