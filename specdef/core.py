@@ -260,8 +260,10 @@ def _readable(w: torch.Tensor) -> torch.Tensor:
 
 
 def _times(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """M x for x (E·in, q): Σₑ Wₑ xₑ."""
+    """M x for x (E·in, q): Σₑ Wₑ xₑ (one batched matmul; half-precision experts one at a time, in float32)."""
     n = w.shape[2]
+    if w.dtype == _read_dtype(w.dtype):
+        return torch.bmm(w, x.view(w.shape[0], n, -1)).sum(0)
     y = _readable(w[0]) @ x[:n]
     for e in range(1, w.shape[0]):
         y.addmm_(_readable(w[e]), x[e * n:(e + 1) * n])
@@ -270,8 +272,8 @@ def _times(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _times_t(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mᵀ y for y (out, q): the Wₑᵀ y stacked."""
-    if w.shape[0] == 1:
-        return _readable(w[0]).T @ y
+    if w.dtype == _read_dtype(w.dtype):
+        return torch.bmm(w.transpose(1, 2), y.expand(w.shape[0], *y.shape)).reshape(-1, y.shape[1])
     return torch.cat([_readable(w[e]).T @ y for e in range(w.shape[0])])
 
 
