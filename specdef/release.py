@@ -37,14 +37,16 @@ COMP_FILE = "specdef.safetensors"
 RECORD_KEYS = ("k", "k_policy", "layers_clipped", "layers_skipped", "blocks_without_defended_layer")
 
 
+def _inner_shape(module: nn.Module) -> list[int]:
+    # (out, in) of a Linear or Conv1D, (E, out, in) of experts
+    weight, _ = output_weights(module)
+    return list(weight.shape[1:]) if weight.shape[0] == 1 else list(weight.shape)
+
+
 def layer_entries(model: nn.Module) -> list[dict]:
-    entries = []
-    for name, m in specdef_modules(model):
-        weight, bias = output_weights(m.inner)
-        shape = list(weight.shape[1:]) if weight.shape[0] == 1 else list(weight.shape)
-        entries.append({"name": name, "inner_shape": shape, "bias": bias is not None,
-                        "comp_shape": list(m.comp.weight.shape), "alpha": m.alpha, "k": m.k, "method": m.method})
-    return entries
+    return [{"name": name, "inner_shape": _inner_shape(m.inner), "bias": output_weights(m.inner)[1] is not None,
+             "comp_shape": list(m.comp.weight.shape), "alpha": m.alpha, "k": m.k, "method": m.method}
+            for name, m in specdef_modules(model)]
 
 
 def manifest_record(info: dict) -> dict:
@@ -100,7 +102,7 @@ def _check_loading(directory: Path, info: dict, comps: set[str]) -> None:
 def _insert(model: nn.Module, entry: dict, comp_weight: torch.Tensor, directory: Path) -> None:
     inner = model.get_submodule(entry["name"])
     weight, _ = output_weights(inner)
-    shape = list(weight.shape[1:]) if weight.shape[0] == 1 else list(weight.shape)
+    shape = _inner_shape(inner)
     if shape != entry["inner_shape"] or list(comp_weight.shape) != entry["comp_shape"]:
         raise ConfigError(f"release={str(directory)!r}: layer {entry['name']} has shape {shape} and compensation "
                           f"{list(comp_weight.shape)}; the manifest says {entry['inner_shape']} and "
