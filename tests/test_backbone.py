@@ -132,7 +132,8 @@ def test_cache_key_changes_with_what_determines_the_weights(monkeypatch):
 
 # The default tiny model's weights as pretrained under pinned numerics (harness/tiny.py) with the
 # locked torch and transformers (constraints.txt): every x86-64 machine must produce these bits.
-REFERENCE_WEIGHTS = {"torch": "2.13.0+cpu", "transformers": "5.23.0", "sha256": "TO-BE-RECORDED"}
+REFERENCE_WEIGHTS = {"torch": "2.13.0+cpu", "transformers": "5.23.0",
+                     "sha256": "1d903a2bf51df16973dc37dd77d8827266396ae72568f83db90031b805ba37c5"}
 
 
 def test_pinned_pretraining_gives_the_reference_weights(tiny_path):
