@@ -92,6 +92,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("defense.steps", non_negative_int, "an integer >= 0"),
     ("defense.batch_size", positive_int, "an integer >= 1"),
     ("defense.lr", positive, "a finite number > 0"),
+    ("defense.retain_corpus", one_of("retain", "unrelated"), "retain or unrelated"),
+    ("defense.warmup_epochs", lambda x: _number(x) and x >= 0, "a number >= 0"),
 ]
 
 

@@ -168,6 +168,15 @@ def test_bad_values_are_rejected_with_one_line(override, message):
     assert str(err.value) == message
 
 
+def test_bad_baseline_options_are_rejected_with_one_line():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("defense=rmu", "defense.retain_corpus=wiki"))
+    assert str(err.value) == "defense.retain_corpus='wiki': allowed retain or unrelated"
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("defense=npo", "defense.warmup_epochs=-1"))
+    assert str(err.value) == "defense.warmup_epochs=-1: allowed a number >= 0"
+
+
 def _run_cli(tmp_path, *args, env_extra=None, timeout=300):
     env = {**os.environ, "SPECDEF_OUTPUTS": str(tmp_path / "outputs"), **(env_extra or {})}
     return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
