@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 DATA_KEYS = {"source", "splits", "n_samples"}
 # hazard_acc: all hazard tasks; relearned_acc / heldout_acc: the RTT split (see split_tasks)
 RECOVER_METRICS = ("hazard_acc", "relearned_acc", "heldout_acc")
+# where LoRA sits on a SpecDef-defended layer (attacks/lora.py)
+LORA_PLACEMENTS = ("around", "inner", "comp", "parts")
 
 
 def steps_to_recover(trajectory: list[dict], threshold: float | None, key: str = "hazard_acc") -> int | None:
@@ -116,7 +118,7 @@ class Relearn:
                  param_split: str | None = None, aux_optimizer: Callable | None = None, peft=None,
                  undo: str | None = None, sharpness_every: int | None = None, sharpness_iters: int = 20,
                  recover_metric: str = "hazard_acc", stop_when_recovered: bool = False,
-                 checkpoint_every: int | None = None):
+                 checkpoint_every: int | None = None, lora_placement: str = "around"):
         self.name = name
         self.optimizer, self.param_split, self.aux_optimizer = optimizer, param_split, aux_optimizer
         self.steps, self.batch_size, self.grad_accum = steps, batch_size, grad_accum
@@ -130,6 +132,8 @@ class Relearn:
         self.recover_metric = _check_choice("recover_metric", recover_metric, RECOVER_METRICS)
         self.stop_when_recovered = stop_when_recovered
         self.peft = _check_peft(peft)
+        self.lora_placement = _check_choice("lora_placement", lora_placement, LORA_PLACEMENTS)
+        self.lora_defended: list[str] = []  # defended layers the adapters were placed on (recorded)
         self.undo = _check_undo(undo)
         self.sharpness_every, self.sharpness_iters = _check_sharpness(sharpness_every, eval_every), sharpness_iters
         self.checkpoint_every = checkpoint_every  # save for resumption every N steps (at evaluated steps)
@@ -141,7 +145,9 @@ class Relearn:
             model = apply_undo(model, self.undo)
         if self.peft is not None:
             from peft import get_peft_model
-            model = get_peft_model(model, self.peft)
+            from attacks.lora import place_adapters  # lazy: imports peft
+            config, self.lora_defended = place_adapters(model, self.peft, self.lora_placement)
+            model = get_peft_model(model, config)
         return model
 
     def build_optimizers(self, model) -> list[torch.optim.Optimizer]:
@@ -231,6 +237,8 @@ class Relearn:
             "best_heldout_acc": best(trajectory, "heldout_acc"),
             "recover_metric": self.recover_metric, "stopped_when_recovered": loop.stopped_early and not state["reason"],
             "create_graph": create_graph, "peft": self.peft is not None, "undo": self.undo,
+            "lora_placement": self.lora_placement if self.peft is not None else None,
+            "lora_defended_layers": self.lora_defended,
         }
         recovered = steps_to_recover(trajectory, threshold, self.recover_metric)
         return AttackResult(trajectory=trajectory, steps_to_recover=recovered,

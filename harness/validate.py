@@ -70,6 +70,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("attack.data.n_samples", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
     ("attack.undo", one_of(None, "collapse", "spectral"), "null, collapse or spectral"),
     ("attack.param_split", one_of(None, "muon"), "null or muon"),
+    ("attack.lora_placement", one_of("around", "inner", "comp", "parts"), "around, inner, comp or parts"),
     ("attack.recover_metric", one_of("hazard_acc", "relearned_acc", "heldout_acc"),
      "hazard_acc, relearned_acc or heldout_acc"),
     ("attack.sharpness_every", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
