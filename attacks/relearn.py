@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from attacks.optimizers import build_optimizers, current_lr, needs_double_backward
+from attacks.optimizers import build_optimizers, current_lr, needs_double_backward, trainable as trainable_params
+from attacks.partial import apply as apply_partial, check_patterns
 from attacks.checkpoint import AttackCheckpoint
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
@@ -118,7 +119,8 @@ class Relearn:
                  param_split: str | None = None, aux_optimizer: Callable | None = None, peft=None,
                  undo: str | None = None, sharpness_every: int | None = None, sharpness_iters: int = 20,
                  recover_metric: str = "hazard_acc", stop_when_recovered: bool = False,
-                 checkpoint_every: int | None = None, lora_placement: str = "around"):
+                 checkpoint_every: int | None = None, lora_placement: str = "around",
+                 trainable: list[str] | None = None, frozen: list[str] | None = None, partial: str | None = None):
         self.name = name
         self.optimizer, self.param_split, self.aux_optimizer = optimizer, param_split, aux_optimizer
         self.steps, self.batch_size, self.grad_accum = steps, batch_size, grad_accum
@@ -135,6 +137,9 @@ class Relearn:
         self.lora_placement = _check_choice("lora_placement", lora_placement, LORA_PLACEMENTS)
         self.lora_defended: list[str] = []  # defended layers the adapters were placed on (recorded)
         self.undo = _check_undo(undo)
+        self.trainable, self.frozen = check_patterns("trainable", trainable), check_patterns("frozen", frozen)
+        self.partial = _check_partial(partial, self.trainable, self.frozen, self.peft)
+        self.selection: dict = {}  # what was trained (recorded)
         self.sharpness_every, self.sharpness_iters = _check_sharpness(sharpness_every, eval_every), sharpness_iters
         self.checkpoint_every = checkpoint_every  # save for resumption every N steps (at evaluated steps)
 
@@ -143,11 +148,15 @@ class Relearn:
         if self.undo is not None:
             from attacks.undo import apply_undo  # lazy: the undo module pulls in the SpecDef tools
             model = apply_undo(model, self.undo)
+        if self.trainable is not None or self.frozen is not None:
+            self.selection = apply_partial(model, self.trainable, self.frozen)
         if self.peft is not None:
             from peft import get_peft_model
             from attacks.lora import place_adapters  # lazy: imports peft
             config, self.lora_defended = place_adapters(model, self.peft, self.lora_placement)
             model = get_peft_model(model, config)
+        self.selection = {**self.selection, "trainable_parameters": sum(p.numel() for p in trainable_params(model)),
+                          "model_parameters": sum(p.numel() for p in model.parameters())}
         return model
 
     def build_optimizers(self, model) -> list[torch.optim.Optimizer]:
@@ -239,6 +248,7 @@ class Relearn:
             "create_graph": create_graph, "peft": self.peft is not None, "undo": self.undo,
             "lora_placement": self.lora_placement if self.peft is not None else None,
             "lora_defended_layers": self.lora_defended,
+            "partial": self.partial, "trainable": self.trainable, "frozen": self.frozen, **self.selection,
         }
         recovered = steps_to_recover(trajectory, threshold, self.recover_metric)
         return AttackResult(trajectory=trajectory, steps_to_recover=recovered,
@@ -276,6 +286,17 @@ def _check_peft(peft):
         raise ConfigError(f"attack.peft={peft!r}: allowed null or a peft config node such as "
                           "conf/attack/peft/lora.yaml (select it with `attack/peft=lora`)")
     return peft
+
+
+def _check_partial(partial, trainable, frozen, peft):
+    if (trainable is not None or frozen is not None) and peft is not None:
+        raise ConfigError("attack.trainable/attack.frozen with attack.peft: allowed one of them (LoRA trains its "
+                          "adapters; choose them with attack.peft.target_modules, or add attack.peft.modules_to_save)")
+    if partial is not None and trainable is None and frozen is None:
+        # a preset whose patterns resolved to null, e.g. freeze_defended with defense.layers=null
+        raise ConfigError(f"attack.partial={partial!r} selects no pattern (attack.trainable and attack.frozen are "
+                          "null); allowed explicit attack.trainable / attack.frozen patterns")
+    return partial
 
 
 def _check_choice(key: str, value, allowed) -> str:

@@ -19,6 +19,7 @@ import baselines  # noqa: F401 - their source keys the defended-model cache
 import specdef  # noqa: F401
 from omegaconf import DictConfig, OmegaConf
 
+from attacks.partial import preflight as check_attack_patterns
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
@@ -131,6 +132,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with timed(timings, "load_model"):
             attn = "eager" if _needs_double_backward(cfg) else None
             model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn)
+        check_attack_patterns(OmegaConf.select(cfg, "attack"), model)  # a typo stops here, not after the defense
         evaluator = build_evaluator(cfg.eval, tokenizer, data)
         with timed(timings, "eval_base"):
             base = evaluator(model)
