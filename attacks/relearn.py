@@ -7,6 +7,7 @@ draws the relearning data and keeps the trajectory. Training goes through the sh
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -171,6 +172,8 @@ class Relearn:
         tasks = split_tasks(data.hazard_tasks, set(splits) if source == "forget" else set())
         batches = batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed)
         optimizers = self.build_optimizers(model)
+        self.check_forward_only(optimizers)
+        set_mode(optimizers, "train")
         schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.schedule, self.warmup_steps, self.steps))
                       for o in optimizers]
         create_graph = self.second_order or any(needs_double_backward(o) for o in optimizers)
@@ -179,10 +182,11 @@ class Relearn:
                  if self.sharpness_every else None)
 
         def measure(step: int, loss: float | None) -> dict:
-            metrics = start if step == 0 and self.undo is None else evaluator(model)
-            point = {"step": step, "loss": loss, **metrics, **split_accuracies(metrics, *tasks)}
-            if self.sharpness_every and step % self.sharpness_every == 0:
-                point.update(self.sharpness(model, probe, current_lr(optimizers)))
+            with evaluation_point(optimizers):
+                metrics = start if step == 0 and self.undo is None else evaluator(model)
+                point = {"step": step, "loss": loss, **metrics, **split_accuracies(metrics, *tasks)}
+                if self.sharpness_every and step % self.sharpness_every == 0:
+                    point.update(self.sharpness(model, probe, current_lr(optimizers)))
             if on_eval:
                 on_eval(point)
             return point
@@ -232,10 +236,21 @@ class Relearn:
         if loop.nonfinite_step is not None:
             trajectory.append(measure(loop.nonfinite_step, float("nan")))
             state["reason"], state["step"] = "non-finite loss", loop.nonfinite_step
+        set_mode(optimizers, "eval")  # the attacked model is the one that was evaluated
         checkpoint.clear()
         result = self.result(trajectory, threshold, state, loop, create_graph)
         result.extra["resumed_from_step"] = start_step if resumed else None
         return result
+
+    def check_forward_only(self, optimizers) -> None:
+        """A zeroth-order optimizer (MeZO) computes no gradient: nothing to clip, no graph to keep."""
+        if not any(getattr(o, "forward_only", False) for o in optimizers):
+            return
+        for key, value in (("max_grad_norm", self.max_grad_norm), ("second_order", self.second_order),
+                           ("param_split", self.param_split)):
+            if value:
+                raise ConfigError(f"attack.{key}={value!r} with a forward-only optimizer "
+                                  f"({type(optimizers[0]).__name__}): allowed null/false (it takes no gradient)")
 
     def result(self, trajectory, threshold, state, loop, create_graph) -> AttackResult:
         extra = {
@@ -264,6 +279,24 @@ class Relearn:
         from specdef.hessian import sharpness  # lazy: only runs that log sharpness need it
         out = sharpness(model, batch, lr=lr, iters=self.sharpness_iters)
         return {"lambda_max": float(out["lambda_max"]), "two_over_lr": float(out["two_over_lr"])}
+
+
+def set_mode(optimizers, mode: str) -> None:
+    """Schedule-free optimizers train at one point and are evaluated at another (their running
+    average): `train()` / `eval()` move the parameters between the two. Others have no such modes."""
+    for opt in optimizers:
+        switch = getattr(opt, mode, None)
+        if callable(switch):
+            switch()
+
+
+@contextlib.contextmanager
+def evaluation_point(optimizers):
+    set_mode(optimizers, "eval")
+    try:
+        yield
+    finally:
+        set_mode(optimizers, "train")
 
 
 def _check_data(data) -> dict:
