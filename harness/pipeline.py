@@ -24,6 +24,7 @@ from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import log_run_report
+from harness.objective import constrained_objective
 from harness.models import load_model
 from harness.tiny import verify_manifest
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
@@ -158,6 +159,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()},
             "lm_eval": {"version": _version("lm_eval"), "task_versions": evaluator.versions},
         }
+        record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
         logger.summary({"post_attack/hazard_acc": result.final.get("hazard_acc"),
                         "steps_to_recover": result.steps_to_recover, "diverged": result.diverged})
         write_json_atomic(record_path, record)
