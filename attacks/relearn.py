@@ -109,8 +109,9 @@ class Relearn:
 
     Variants, all config fields (see conf/attack/_base.yaml): `param_split=muon` + `aux_optimizer`
     (Muon on hidden matrices, AdamW on the rest), `peft` (a `peft.LoraConfig`: LoRA instead of full
-    fine-tuning), `undo` (an attacker-side undo of the defense before fine-tuning) and
-    `sharpness_every` (log the top Hessian eigenvalue beside 2/lr).
+    fine-tuning; `lora_placement` says where it sits on a SpecDef layer, attacks/lora.py), `trainable` /
+    `frozen` (partial fine-tuning, attacks/partial.py), `undo` (an attacker-side undo of the defense
+    before fine-tuning) and `sharpness_every` (log the top Hessian eigenvalue beside 2/lr).
     """
 
     def __init__(self, name: str, optimizer: Callable, steps: int, batch_size: int, data: dict,
