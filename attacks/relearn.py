@@ -7,6 +7,7 @@ draws the relearning data and keeps the trajectory. Training goes through the sh
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -15,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from attacks.optimizers import build_optimizers, current_lr, needs_double_backward
+from attacks.optimizers import build_optimizers, current_lr, needs_double_backward, trainable as trainable_params
+from attacks.partial import apply as apply_partial, check_patterns
 from attacks.checkpoint import AttackCheckpoint
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 DATA_KEYS = {"source", "splits", "n_samples"}
 # hazard_acc: all hazard tasks; relearned_acc / heldout_acc: the RTT split (see split_tasks)
 RECOVER_METRICS = ("hazard_acc", "relearned_acc", "heldout_acc")
+# where LoRA sits on a SpecDef-defended layer (attacks/lora.py)
+LORA_PLACEMENTS = ("around", "inner", "comp", "parts")
 
 
 def steps_to_recover(trajectory: list[dict], threshold: float | None, key: str = "hazard_acc") -> int | None:
@@ -105,8 +109,9 @@ class Relearn:
 
     Variants, all config fields (see conf/attack/_base.yaml): `param_split=muon` + `aux_optimizer`
     (Muon on hidden matrices, AdamW on the rest), `peft` (a `peft.LoraConfig`: LoRA instead of full
-    fine-tuning), `undo` (an attacker-side undo of the defense before fine-tuning) and
-    `sharpness_every` (log the top Hessian eigenvalue beside 2/lr).
+    fine-tuning; `lora_placement` says where it sits on a SpecDef layer, attacks/lora.py), `trainable` /
+    `frozen` (partial fine-tuning, attacks/partial.py), `undo` (an attacker-side undo of the defense
+    before fine-tuning) and `sharpness_every` (log the top Hessian eigenvalue beside 2/lr).
     """
 
     def __init__(self, name: str, optimizer: Callable, steps: int, batch_size: int, data: dict,
@@ -116,7 +121,8 @@ class Relearn:
                  param_split: str | None = None, aux_optimizer: Callable | None = None, peft=None,
                  undo: str | None = None, sharpness_every: int | None = None, sharpness_iters: int = 20,
                  recover_metric: str = "hazard_acc", stop_when_recovered: bool = False,
-                 checkpoint_every: int | None = None):
+                 checkpoint_every: int | None = None, lora_placement: str = "around",
+                 trainable: list[str] | None = None, frozen: list[str] | None = None, partial: str | None = None):
         self.name = name
         self.optimizer, self.param_split, self.aux_optimizer = optimizer, param_split, aux_optimizer
         self.steps, self.batch_size, self.grad_accum = steps, batch_size, grad_accum
@@ -130,7 +136,12 @@ class Relearn:
         self.recover_metric = _check_choice("recover_metric", recover_metric, RECOVER_METRICS)
         self.stop_when_recovered = stop_when_recovered
         self.peft = _check_peft(peft)
+        self.lora_placement = _check_choice("lora_placement", lora_placement, LORA_PLACEMENTS)
+        self.lora_defended: list[str] = []  # defended layers the adapters were placed on (recorded)
         self.undo = _check_undo(undo)
+        self.trainable, self.frozen = check_patterns("trainable", trainable), check_patterns("frozen", frozen)
+        self.partial = _check_partial(partial, self.trainable, self.frozen, self.peft)
+        self.selection: dict = {}  # what was trained (recorded)
         self.sharpness_every, self.sharpness_iters = _check_sharpness(sharpness_every, eval_every), sharpness_iters
         self.checkpoint_every = checkpoint_every  # save for resumption every N steps (at evaluated steps)
 
@@ -139,9 +150,15 @@ class Relearn:
         if self.undo is not None:
             from attacks.undo import apply_undo  # lazy: the undo module pulls in the SpecDef tools
             model = apply_undo(model, self.undo)
+        if self.trainable is not None or self.frozen is not None:
+            self.selection = apply_partial(model, self.trainable, self.frozen)
         if self.peft is not None:
             from peft import get_peft_model
-            model = get_peft_model(model, self.peft)
+            from attacks.lora import place_adapters  # lazy: imports peft
+            config, self.lora_defended = place_adapters(model, self.peft, self.lora_placement)
+            model = get_peft_model(model, config)
+        self.selection = {**self.selection, "trainable_parameters": sum(p.numel() for p in trainable_params(model)),
+                          "model_parameters": sum(p.numel() for p in model.parameters())}
         return model
 
     def build_optimizers(self, model) -> list[torch.optim.Optimizer]:
@@ -156,6 +173,8 @@ class Relearn:
         tasks = split_tasks(data.hazard_tasks, set(splits) if source == "forget" else set())
         batches = batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed)
         optimizers = self.build_optimizers(model)
+        self.check_forward_only(optimizers)
+        set_mode(optimizers, "train")
         schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.schedule, self.warmup_steps, self.steps))
                       for o in optimizers]
         create_graph = self.second_order or any(needs_double_backward(o) for o in optimizers)
@@ -164,10 +183,11 @@ class Relearn:
                  if self.sharpness_every else None)
 
         def measure(step: int, loss: float | None) -> dict:
-            metrics = start if step == 0 and self.undo is None else evaluator(model)
-            point = {"step": step, "loss": loss, **metrics, **split_accuracies(metrics, *tasks)}
-            if self.sharpness_every and step % self.sharpness_every == 0:
-                point.update(self.sharpness(model, probe, current_lr(optimizers)))
+            with evaluation_point(optimizers):
+                metrics = start if step == 0 and self.undo is None else evaluator(model)
+                point = {"step": step, "loss": loss, **metrics, **split_accuracies(metrics, *tasks)}
+                if self.sharpness_every and step % self.sharpness_every == 0:
+                    point.update(self.sharpness(model, probe, current_lr(optimizers)))
             if on_eval:
                 on_eval(point)
             return point
@@ -217,10 +237,21 @@ class Relearn:
         if loop.nonfinite_step is not None:
             trajectory.append(measure(loop.nonfinite_step, float("nan")))
             state["reason"], state["step"] = "non-finite loss", loop.nonfinite_step
+        set_mode(optimizers, "eval")  # the attacked model is the one that was evaluated
         checkpoint.clear()
         result = self.result(trajectory, threshold, state, loop, create_graph)
         result.extra["resumed_from_step"] = start_step if resumed else None
         return result
+
+    def check_forward_only(self, optimizers) -> None:
+        """A zeroth-order optimizer (MeZO) computes no gradient: nothing to clip, no graph to keep."""
+        if not any(getattr(o, "forward_only", False) for o in optimizers):
+            return
+        for key, value in (("max_grad_norm", self.max_grad_norm), ("second_order", self.second_order),
+                           ("param_split", self.param_split)):
+            if value:
+                raise ConfigError(f"attack.{key}={value!r} with a forward-only optimizer "
+                                  f"({type(optimizers[0]).__name__}): allowed null/false (it takes no gradient)")
 
     def result(self, trajectory, threshold, state, loop, create_graph) -> AttackResult:
         extra = {
@@ -231,6 +262,9 @@ class Relearn:
             "best_heldout_acc": best(trajectory, "heldout_acc"),
             "recover_metric": self.recover_metric, "stopped_when_recovered": loop.stopped_early and not state["reason"],
             "create_graph": create_graph, "peft": self.peft is not None, "undo": self.undo,
+            "lora_placement": self.lora_placement if self.peft is not None else None,
+            "lora_defended_layers": self.lora_defended,
+            "partial": self.partial, "trainable": self.trainable, "frozen": self.frozen, **self.selection,
         }
         recovered = steps_to_recover(trajectory, threshold, self.recover_metric)
         return AttackResult(trajectory=trajectory, steps_to_recover=recovered,
@@ -246,6 +280,24 @@ class Relearn:
         from specdef.hessian import sharpness  # lazy: only runs that log sharpness need it
         out = sharpness(model, batch, lr=lr, iters=self.sharpness_iters)
         return {"lambda_max": float(out["lambda_max"]), "two_over_lr": float(out["two_over_lr"])}
+
+
+def set_mode(optimizers, mode: str) -> None:
+    """Schedule-free optimizers train at one point and are evaluated at another (their running
+    average): `train()` / `eval()` move the parameters between the two. Others have no such modes."""
+    for opt in optimizers:
+        switch = getattr(opt, mode, None)
+        if callable(switch):
+            switch()
+
+
+@contextlib.contextmanager
+def evaluation_point(optimizers):
+    set_mode(optimizers, "eval")
+    try:
+        yield
+    finally:
+        set_mode(optimizers, "train")
 
 
 def _check_data(data) -> dict:
@@ -268,6 +320,17 @@ def _check_peft(peft):
         raise ConfigError(f"attack.peft={peft!r}: allowed null or a peft config node such as "
                           "conf/attack/peft/lora.yaml (select it with `attack/peft=lora`)")
     return peft
+
+
+def _check_partial(partial, trainable, frozen, peft):
+    if (trainable is not None or frozen is not None) and peft is not None:
+        raise ConfigError("attack.trainable/attack.frozen with attack.peft: allowed one of them (LoRA trains its "
+                          "adapters; choose them with attack.peft.target_modules, or add attack.peft.modules_to_save)")
+    if partial is not None and trainable is None and frozen is None:
+        # a preset whose patterns resolved to null, e.g. freeze_defended with defense.layers=null
+        raise ConfigError(f"attack.partial={partial!r} selects no pattern (attack.trainable and attack.frozen are "
+                          "null); allowed explicit attack.trainable / attack.frozen patterns")
+    return partial
 
 
 def _check_choice(key: str, value, allowed) -> str:

@@ -19,10 +19,12 @@ import baselines  # noqa: F401 - their source keys the defended-model cache
 import specdef  # noqa: F401
 from omegaconf import DictConfig, OmegaConf
 
+from attacks.partial import preflight as check_attack_patterns
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import log_run_report
+from harness.objective import constrained_objective
 from harness.models import load_model
 from harness.tiny import verify_manifest
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
@@ -132,6 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with timed(timings, "load_model"):
             attn = "eager" if _needs_double_backward(cfg) else None
             model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn)
+        check_attack_patterns(OmegaConf.select(cfg, "attack"), model)  # a typo stops here, not after the defense
         evaluator = build_evaluator(cfg.eval, tokenizer, data)
         with timed(timings, "eval_base"):
             base = evaluator(model)
@@ -157,6 +160,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()},
             "lm_eval": {"version": _version("lm_eval"), "task_versions": evaluator.versions},
         }
+        record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
         logger.summary({"post_attack/hazard_acc": result.final.get("hazard_acc"),
                         "steps_to_recover": result.steps_to_recover, "diverged": result.diverged})
         write_json_atomic(record_path, record)

@@ -70,6 +70,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("attack.data.n_samples", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
     ("attack.undo", one_of(None, "collapse", "spectral"), "null, collapse or spectral"),
     ("attack.param_split", one_of(None, "muon"), "null or muon"),
+    ("attack.lora_placement", one_of("around", "inner", "comp", "parts"), "around, inner, comp or parts"),
     ("attack.recover_metric", one_of("hazard_acc", "relearned_acc", "heldout_acc"),
      "hazard_acc, relearned_acc or heldout_acc"),
     ("attack.sharpness_every", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
@@ -124,6 +125,24 @@ def _check_optimizer_fits_parameters(cfg: DictConfig) -> None:
                           "hidden 2-D weights; allowed attack.param_split=muon (AdamW on the rest) or LoRA")
 
 
+def _check_forward_only(cfg: DictConfig) -> None:
+    """A zeroth-order optimizer (class attribute `forward_only`, e.g. attacks.mezo.MeZO) computes no
+    gradient: clipping, a double backward or a second optimizer cannot apply."""
+    target = _get(cfg, "attack.optimizer._target_")
+    if not isinstance(target, str):
+        return
+    try:
+        from hydra.utils import get_class
+        forward_only = getattr(get_class(target), "forward_only", False)
+    except Exception:  # an unknown class fails at instantiation with Hydra's own message
+        return
+    for key in ("attack.max_grad_norm", "attack.second_order", "attack.param_split"):
+        value = _get(cfg, key)
+        if forward_only and value not in (None, False, _MISSING):
+            raise ConfigError(f"{key}={value!r} with attack.optimizer._target_={target}: allowed null/false "
+                              "(a forward-only optimizer takes no gradient)")
+
+
 def _check_writable(cfg: DictConfig) -> None:
     root = _get(cfg, "paths.output_root")
     if isinstance(root, str) and os.path.exists(root) and not os.path.isdir(root):
@@ -140,4 +159,5 @@ def validate(cfg: DictConfig) -> None:
     _check_splits(cfg)
     _check_model_path(cfg)
     _check_optimizer_fits_parameters(cfg)
+    _check_forward_only(cfg)
     _check_writable(cfg)
