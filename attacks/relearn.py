@@ -80,8 +80,7 @@ class RecoveryRule:
             return False
         if ppl is None or not math.isfinite(ppl) or ppl > self.ppl_factor * start["retain_ppl"]:
             return False
-        # not (<=) so that a NaN utility counts as broken
-        return utility is not None and not start["utility_acc"] - utility > self.max_utility_drop
+        return utility is not None and start["utility_acc"] - utility <= self.max_utility_drop  # NaN: False
 
     def recovered(self, point: dict, start: dict, threshold: float | None) -> bool:
         if steps_to_recover([point], threshold, self.metric) is None:

@@ -47,11 +47,12 @@ OUTCOME_MARKS = {"recovered": "✓", "diverged": DAGGER, "not_recovered": ">"}
 CURVATURE_AWARE = ("sophia", "sophiah", "adahessian", "muon")
 ABLATIONS = ("specdef (reference)", "no compensation", "curvature-aware optimizer", "layer collapse",
              "spectral attack")
-NOTE_TABLE1 = ("Cells: ✓n recovered at step n (hazard accuracy reached the threshold while the model was "
-               "still intact: retain perplexity ≤ factor x start, utility within the allowed drop); †n diverged "
-               "at step n before recovering (retain perplexity > factor x start, or non-finite loss); >n neither "
-               "in the n steps run. After / : hazard accuracy at that step. Seeds of different kinds: one entry "
-               "per kind (k/n seeds). mean ± std over seeds; — not run.")
+NOTE_CELLS = ("Cells: ✓n recovered at step n (hazard accuracy reached the threshold while the model was "
+              "still intact: retain perplexity ≤ factor x start, utility within the allowed drop); †n diverged "
+              "at step n before recovering (retain perplexity > factor x start, or non-finite loss); >n neither "
+              "in the n steps run. After / : hazard accuracy at that step.")
+NOTE_TABLE1 = NOTE_CELLS + (" Seeds of different kinds: one entry per kind (k/n seeds). mean ± std over seeds; "
+                            "— not run.")
 NOTE_UTILITY = ("Δ = defended - undefended model (before any attack); accuracies per task, perplexity on "
                 "retain and forget (WMDP) text. mean ± std over seeds; — not measured.")
 
