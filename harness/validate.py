@@ -146,6 +146,20 @@ def _check_forward_only(cfg: DictConfig) -> None:
                               "(a forward-only optimizer takes no gradient)")
 
 
+def _check_lr_grid(cfg: DictConfig) -> None:
+    """experiment=table1 takes `lr` from the optimizer's own grid (table1.grids.<scale>.<optimizer>);
+    a null lr there means the optimizer has no grid at this scale or the rank is past its end."""
+    grids = _get(cfg, "table1.grids")
+    if grids is _MISSING or _get(cfg, "lr") is not None:
+        return
+    scale, name, rank = _get(cfg, "scale.name"), _get(cfg, "attack.name"), _get(cfg, "table1.lr_rank")
+    grid = OmegaConf.select(grids, f"{scale}.{name}")
+    if grid is None:
+        raise ConfigError(f"attack={name} with experiment=table1: no learning-rate grid table1.grids.{scale}.{name}; "
+                          f"allowed {', '.join(OmegaConf.select(grids, str(scale)) or {})} (or an explicit lr=)")
+    raise ConfigError(f"table1.lr_rank={rank!r}: allowed 0..{len(grid) - 1} (the {name} grid at scale {scale})")
+
+
 def _check_writable(cfg: DictConfig) -> None:
     root = _get(cfg, "paths.output_root")
     if isinstance(root, str) and os.path.exists(root) and not os.path.isdir(root):
@@ -153,6 +167,7 @@ def _check_writable(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
     for key, ok, allowed in RULES:
         value = _get(cfg, key)
         if value is _MISSING:
