@@ -160,6 +160,14 @@ def _check_lr_grid(cfg: DictConfig) -> None:
     raise ConfigError(f"table1.lr_rank={rank!r}: allowed 0..{len(grid) - 1} (the {name} grid at scale {scale})")
 
 
+def _check_recovery_rule(cfg: DictConfig) -> None:
+    """The intact rule bounds the utility drop: it needs utility tasks to measure it."""
+    tasks = _get(cfg, "eval.utility_tasks")
+    if _get(cfg, "attack.recovery_rule") == "intact" and tasks is not _MISSING and tasks is not None and not len(tasks):
+        raise ConfigError("attack.recovery_rule=intact with eval.utility_tasks=[]: allowed attack.recovery_rule=legacy, "
+                          "or utility tasks to measure the model's utility")
+
+
 def _check_writable(cfg: DictConfig) -> None:
     root = _get(cfg, "paths.output_root")
     if isinstance(root, str) and os.path.exists(root) and not os.path.isdir(root):
@@ -178,4 +186,5 @@ def validate(cfg: DictConfig) -> None:
     _check_model_path(cfg)
     _check_optimizer_fits_parameters(cfg)
     _check_forward_only(cfg)
+    _check_recovery_rule(cfg)
     _check_writable(cfg)

@@ -99,6 +99,7 @@ def test_the_intact_rule_refuses_a_start_without_utility():
     ("attack.recovery_rule=any", "attack.recovery_rule='any': allowed intact or legacy"),
     ("attack.max_utility_drop=2", "attack.max_utility_drop=2: allowed a number in [0, 1]"),
     ("attack.intact_ppl_factor=0", "attack.intact_ppl_factor=0: allowed a finite number > 0"),
+    ("eval.utility_tasks=[]", "attack.recovery_rule=intact with eval.utility_tasks=[]: allowed attack.recovery_rule=legacy"),
 ])
 def test_bad_rule_settings_fail_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
