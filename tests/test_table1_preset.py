@@ -25,29 +25,40 @@ def documented_grid(name: str) -> set[float]:
     return {float(v) for v in values.split(",")}
 
 
-def preset_jobs() -> list[dict[str, str]]:
-    """The jobs `python run.py -m experiment=table1` launches, as {key: value} overrides."""
+def preset_jobs(*overrides: str) -> list[dict[str, str]]:
+    """The jobs `python run.py -m experiment=table1 <overrides>` launches, as {key: value} overrides."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=table1"], return_hydra_config=True)
+        cfg = compose("config", overrides=["experiment=table1", *overrides], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     [jobs] = BasicSweeper.split_arguments(overrides, None)
     return [dict(item.split("=", 1) for item in job) for job in jobs]
 
 
-def test_each_optimizer_runs_its_own_documented_grid():
-    jobs = preset_jobs()
-    assert len(jobs) == 7 * len(OPTIMIZERS) * 4
+def job_lrs(jobs: list[dict[str, str]], *overrides: str, steps: int) -> dict[str, set[float]]:
+    """{optimizer: the learning rates its jobs run at}."""
     assert {job["attack"] for job in jobs} == set(OPTIMIZERS)
     lrs: dict[str, set[float]] = {}
     for name in OPTIMIZERS:  # one compose per optimizer (compose is slow); each job's rank set on it
-        cfg = compose_cfg("experiment=table1", f"attack={name}")
-        assert cfg.attack.steps == 150
+        cfg = compose_cfg("experiment=table1", f"attack={name}", *overrides)
+        assert cfg.attack.steps == steps
         for job in (j for j in jobs if j["attack"] == name):
             cfg.table1.lr_rank = int(job["table1.lr_rank"])
             assert cfg.attack.optimizer.lr == cfg.lr  # the optimizer really gets it
             lrs.setdefault(name, set()).add(cfg.lr)
-    assert lrs == {name: documented_grid(name) for name in OPTIMIZERS}
+    return lrs
+
+
+def test_each_optimizer_runs_its_own_documented_grid():
+    jobs = preset_jobs()
+    assert len(jobs) == 7 * len(OPTIMIZERS) * 4
+    assert job_lrs(jobs, steps=150) == {name: documented_grid(name) for name in OPTIMIZERS}
+
+
+def test_at_paper_scale_the_preset_composes_and_every_optimizer_runs_the_papers_grid():
+    jobs = preset_jobs("scale=paper")
+    assert len(jobs) == 7 * len(OPTIMIZERS) * 3
+    assert job_lrs(jobs, "scale=paper", steps=510) == {name: {1e-6, 1e-5, 3e-5} for name in OPTIMIZERS}
 
 
 def test_an_optimizer_without_a_grid_or_a_rank_past_it_is_named():
