@@ -5,6 +5,8 @@ into --out (default <dir>/report), each table as Markdown (`tables.md`), LaTeX (
 CSV (`<table>.csv`), plus the plots of `results.plots`.
 
 Tables (the paper's format):
+- **Table 1, summary**: one row per defense, one column per optimizer, the cell of that optimizer's best
+  learning rate for the attacker (`best_lr`), followed by the lr.
 - **Table 1, relearning**: one block per optimizer (`attack.name`), one row per defense, one column per
   learning rate that optimizer was run at (each optimizer has its own grid). A cell is one of three
   kinds, `attack.outcome` of the record (attacks.relearn.first_event: whichever came first):
@@ -53,6 +55,8 @@ NOTE_CELLS = ("Cells: ✓n recovered at step n (hazard accuracy reached the thre
               "in the n steps run. After / : hazard accuracy at that step.")
 NOTE_TABLE1 = NOTE_CELLS + (" Seeds of different kinds: one entry per kind (k/n seeds). mean ± std over seeds; "
                             "— not run.")
+NOTE_SUMMARY = ("Each optimizer's best learning rate for the attacker: most seeds recovered, then the fewest steps, "
+                "then fewest diverged, then the highest hazard accuracy. Cells as in the per-optimizer tables below.")
 NOTE_UTILITY = ("Δ = defended - undefended model (before any attack); accuracies per task, perplexity on "
                 "retain and forget (WMDP) text. mean ± std over seeds; — not measured.")
 
@@ -290,6 +294,37 @@ def relearning_table(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return blocks
 
 
+def best_lr(runs: pd.DataFrame) -> float:
+    """The attacker's best learning rate among `runs` (one defense, one optimizer): most seeds
+    recovered, then the fewest steps to recover, then the fewest diverged, then the highest hazard."""
+    def score(lr):
+        mine = runs[runs["lr"] == lr]
+        recovered = mine["outcome"] == "recovered"
+        steps = mine.loc[recovered, "outcome_step"].mean() if recovered.any() else math.inf
+        return (recovered.mean(), -steps, -(mine["outcome"] == "diverged").mean(), mine["outcome_hazard"].mean())
+    return max(sorted(runs["lr"].unique()), key=score)
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 in one block: one row per defense, one column per optimizer, the best lr's cell."""
+    runs = relearning_runs(df)
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    for d in defense_order(runs):
+        mine = runs[runs["defense"] == d]
+        row = {"defense": d, "initial acc": fmt_stat(_one_per_seed(mine)["initial_hazard"], 3)}
+        for optimizer in sorted(runs["optimizer"].unique()):
+            block = mine[mine["optimizer"] == optimizer]
+            if block.empty:
+                row[optimizer] = MISSING
+                continue
+            lr = best_lr(block)
+            row[optimizer] = f"{relearn_cell(block[block['lr'] == lr])} at {lr_header(lr)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _utility_columns(df: pd.DataFrame) -> list[tuple[str, str, int]]:
     """(column name, metric key, decimals) for every metric measured both before and after defense."""
     keys = {c.split(":", 1)[1] for c in df.columns if c.startswith("pre_attack:")}
@@ -349,8 +384,10 @@ def _ablation_row(name: str, defense: str, optimizer: str, runs: pd.DataFrame, l
 
 
 def build_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """{table name: frame} of the non-empty tables; Table 1 blocks are `relearning_<optimizer>`."""
-    tables = {f"relearning_{opt}": t for opt, t in relearning_table(df).items()}
+    """{table name: frame} of the non-empty tables; Table 1 is `summary` (each optimizer's best lr) and
+    one block per optimizer, `relearning_<optimizer>`."""
+    tables = {"summary": summary_table(df)}
+    tables.update({f"relearning_{opt}": t for opt, t in relearning_table(df).items()})
     tables["utility"] = utility_table(df)
     tables["ablations"] = ablation_table(df)
     return {k: v for k, v in tables.items() if not v.empty}
@@ -370,7 +407,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def _section(name: str) -> tuple[str, str | None]:
     if name.startswith("relearning_"):
         return f"Table 1 — relearning with {name.removeprefix('relearning_')}", NOTE_TABLE1
-    return {"utility": ("Utility", NOTE_UTILITY), "ablations": ("Ablations", NOTE_TABLE1)}[name]
+    return {"summary": ("Table 1 — each optimizer at its best learning rate", NOTE_SUMMARY),
+            "utility": ("Utility", NOTE_UTILITY), "ablations": ("Ablations", NOTE_TABLE1)}[name]
 
 
 def markdown_report(tables: dict[str, pd.DataFrame]) -> str:

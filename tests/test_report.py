@@ -66,6 +66,16 @@ RECORDS = [
 ]
 
 EXPECTED_MD = """\
+### Table 1 — each optimizer at its best learning rate
+
+| defense | initial acc | adam | sgd | sophia |
+| --- | --- | --- | --- | --- |
+| none | 0.600 | ✓10 / 0.630 at lr=1e-3 | >30 / 0.400 at lr=1e-4 | — |
+| rmu | 0.310 ± 0.014 | ✓10 / 0.650 at lr=1e-3 | — | — |
+| specdef(elm, α=1e4) | 0.200 ± 0.000 | †10 / 0.190 (1/2) · >30 / 0.210 (1/2) at lr=1e-3 | †10 / 0.200 at lr=1e-4 | †10 / 0.200 at lr=1e-4 |
+
+_{note0}_
+
 ### Table 1 — relearning with adam
 
 | defense | initial acc | lr=1e-4 | lr=1e-3 |
@@ -116,7 +126,7 @@ _{note2}_
 | layer collapse | specdef(elm, α=1e4) | adam + undo=collapse | 0.200 | -0.010 | ✓20 / 0.600 | — |
 
 _{note1}_
-""".format(note1=report.NOTE_TABLE1, note2=report.NOTE_UTILITY)
+""".format(note0=report.NOTE_SUMMARY, note1=report.NOTE_TABLE1, note2=report.NOTE_UTILITY)
 
 
 @pytest.fixture()
