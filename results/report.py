@@ -166,7 +166,6 @@ def record_outcome(record: dict) -> dict:
 
 def record_row(path: Path, record: dict) -> dict:
     attack, metrics = record.get("attack", {}), record.get("metrics", {})
-    recovered = attack.get("steps_to_recover")
     outcome = record_outcome(record)
     row = {
         "run": str(path.parent), "optimizer": attack.get("name"), "defense": defense_label(record),
@@ -174,9 +173,7 @@ def record_row(path: Path, record: dict) -> dict:
         "defense_config": json.dumps(_get(record, "config.defense", {}), sort_keys=True, default=str),
         "lr": _num(_get(record, "config.lr", attack.get("lr"))), "seed": _get(record, "config.seed", record.get("seed")),
         "undo": _undo(record), "ablation": ablation(record), "compensated": compensated(record),
-        "recovered": recovered is not None, "diverged": bool(attack.get("diverged")),
-        "steps": _num(recovered if recovered is not None else attack.get("steps")),
-        "final_hazard": _num(_get(metrics, "post_attack.hazard_acc")),
+        "diverged": bool(attack.get("diverged")), "final_hazard": _num(_get(metrics, "post_attack.hazard_acc")),
         "outcome": outcome["kind"], "outcome_step": _num(outcome["step"]),
         "outcome_hazard": _num(outcome["hazard_acc"]),
         "initial_hazard": _num(_get(metrics, "pre_attack.hazard_acc")),
