@@ -161,3 +161,5 @@ def validate(cfg: DictConfig) -> None:
     _check_optimizer_fits_parameters(cfg)
     _check_forward_only(cfg)
     _check_writable(cfg)
+    from baselines.released import check_config
+    check_config(cfg)  # a released defended model out of reach stops here, before any model is loaded

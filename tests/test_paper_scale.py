@@ -40,8 +40,8 @@ def _check(cfg, expected: dict, where: str) -> None:
 
 
 def test_every_defense_has_paper_values():
-    """No defense reaches scale=paper with only its tiny-model values."""
-    assert set(DEFENSES) == {"none", *PAPER, *SPECDEF_VARIANTS}
+    """No trained defense reaches scale=paper with only its tiny-model values (a checkpoint has none)."""
+    assert {d for d in DEFENSES if not d.startswith("checkpoint")} == {"none", *PAPER, *SPECDEF_VARIANTS}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
