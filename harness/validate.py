@@ -66,6 +66,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("attack.schedule", one_of("constant", "linear", "cosine"), "constant, linear or cosine"),
     ("attack.recover_threshold", unit_interval_or_none, "null or a number in [0, 1]"),
     ("attack.divergence_factor", positive, "a finite number > 0"),
+    ("attack.recovery_rule", one_of("intact", "legacy"), "intact or legacy"),
+    ("attack.intact_ppl_factor", positive, "a finite number > 0"),
+    ("attack.max_utility_drop", lambda x: x is not None and unit_interval_or_none(x), "a number in [0, 1]"),
     ("attack.data.source", one_of("forget", "retain", "unrelated"), "forget, retain or unrelated"),
     ("attack.data.n_samples", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
     ("attack.undo", one_of(None, "collapse", "spectral"), "null, collapse or spectral"),
@@ -143,6 +146,28 @@ def _check_forward_only(cfg: DictConfig) -> None:
                               "(a forward-only optimizer takes no gradient)")
 
 
+def _check_lr_grid(cfg: DictConfig) -> None:
+    """experiment=table1 takes `lr` from the optimizer's own grid (table1.grids.<scale>.<optimizer>);
+    a null lr there means the optimizer has no grid at this scale or the rank is past its end."""
+    grids = _get(cfg, "table1.grids")
+    if grids is _MISSING or _get(cfg, "lr") is not None:
+        return
+    scale, name, rank = _get(cfg, "scale.name"), _get(cfg, "attack.name"), _get(cfg, "table1.lr_rank")
+    grid = OmegaConf.select(grids, f"{scale}.{name}")
+    if grid is None:
+        raise ConfigError(f"attack={name} with experiment=table1: no learning-rate grid table1.grids.{scale}.{name}; "
+                          f"allowed {', '.join(OmegaConf.select(grids, str(scale)) or {})} (or an explicit lr=)")
+    raise ConfigError(f"table1.lr_rank={rank!r}: allowed 0..{len(grid) - 1} (the {name} grid at scale {scale})")
+
+
+def _check_recovery_rule(cfg: DictConfig) -> None:
+    """The intact rule bounds the utility drop: it needs utility tasks to measure it."""
+    tasks = _get(cfg, "eval.utility_tasks")
+    if _get(cfg, "attack.recovery_rule") == "intact" and tasks is not _MISSING and tasks is not None and not len(tasks):
+        raise ConfigError("attack.recovery_rule=intact with eval.utility_tasks=[]: allowed attack.recovery_rule=legacy, "
+                          "or utility tasks to measure the model's utility")
+
+
 def _check_writable(cfg: DictConfig) -> None:
     root = _get(cfg, "paths.output_root")
     if isinstance(root, str) and os.path.exists(root) and not os.path.isdir(root):
@@ -150,6 +175,7 @@ def _check_writable(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
     for key, ok, allowed in RULES:
         value = _get(cfg, key)
         if value is _MISSING:
@@ -160,6 +186,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model_path(cfg)
     _check_optimizer_fits_parameters(cfg)
     _check_forward_only(cfg)
+    _check_recovery_rule(cfg)
     _check_writable(cfg)
     from baselines.released import check_config
     check_config(cfg)  # a released defended model out of reach stops here, before any model is loaded
