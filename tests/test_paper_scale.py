@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import ListConfig, OmegaConf
 
 from harness.errors import ConfigError
 from specdef.defense import SpecDef, load_base_config
-from tests.conftest import compose_cfg
+from tests.conftest import CONF_DIR, compose_cfg
 
 # The originals' values, written out independently of the YAML (sources in conf/defense_scale/paper/*.yaml).
 PAPER = {
@@ -105,3 +109,55 @@ def test_release_dtype_is_stored_and_recorded(tiny_model, data):
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert defense.info["release_dtype"] == "float64"
     assert defense.info["drift"]["rel_logit_error"] < 1e-8  # float64 carries 1e4 with room to spare
+
+
+def preset_jobs(experiment: str, *overrides: str) -> list[list[str]]:
+    """The jobs `python run.py -m experiment=<experiment> <overrides>` launches, as override lists."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    [jobs] = BasicSweeper.split_arguments(
+        OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()]), None)
+    return [[f"experiment={experiment}", *overrides, *job] for job in jobs]
+
+
+# (experiment, scale): the protocol values every job must run with, whatever scale=paper sets for Table 1.
+PRESETS = {
+    ("qi_durability", "paper"): {"attack.name": "adamw", "lr": 2e-5, "attack.steps": 1000,
+                                 "attack.warmup_steps": 100, "attack.schedule": "cosine",
+                                 "attack.batch_size * attack.grad_accum": 64},
+    ("qi_durability", "tiny"): {"attack.name": "adamw", "lr": 1e-3, "attack.steps": 1000,
+                                "attack.batch_size * attack.grad_accum": 64},
+    ("lucki_lora", "paper"): {"attack.peft.r": 128, "attack.peft.lora_alpha": 16, "lr": 2e-4,
+                              "attack.schedule": "linear", "attack.warmup_steps": 150, "attack.steps": 3000,
+                              "attack.batch_size * attack.grad_accum": 1, "attack.data.n_samples": 1000},
+    ("lucki_lora", "tiny"): {"attack.peft.r": 8, "attack.steps": 3000},
+    ("rtt", "paper"): {"attack.name": "lion", "attack.recover_metric": "heldout_acc", "attack.data.splits": [0]},
+    ("rtt", "tiny"): {"attack.name": "lion", "attack.recover_metric": "heldout_acc", "attack.steps": 85},
+}
+
+
+@pytest.mark.parametrize("experiment, scale", sorted(PRESETS))
+def test_durability_presets_run_their_protocol(experiment, scale):
+    jobs = preset_jobs(experiment, f"scale={scale}")
+    seeds = {o for job in jobs for o in job if o.startswith("seed=")}
+    assert len(seeds) == (5 if experiment == "qi_durability" else 0)
+    cfg = compose_cfg(*jobs[-1])
+    for key, value in PRESETS[experiment, scale].items():
+        got = (cfg.attack.batch_size * cfg.attack.grad_accum if "*" in key else OmegaConf.select(cfg, key))
+        got = list(got) if isinstance(got, ListConfig) else got
+        assert got == (pytest.approx(value) if isinstance(value, float) else value), f"{experiment} {scale}: {key}"
+    if experiment == "lucki_lora":
+        assert {o for job in jobs for o in job if o.startswith("attack.data.source=")} == {
+            "attack.data.source=forget", "attack.data.source=retain", "attack.data.source=unrelated"}
+    if experiment == "rtt":
+        assert "defense=none" in {o for job in jobs for o in job}  # recovery is relative to the original's
+
+
+def test_table1_jobs_at_paper_scale_carry_the_paper_values():
+    """What `python run.py -m experiment=table1 scale=paper` runs: each defense's job with its values."""
+    jobs = [job for job in preset_jobs("table1", "scale=paper") if "defense=rmu" in job or "defense=specdef_elm" in job]
+    rmu = compose_cfg(*next(job for job in jobs if "defense=rmu" in job)).defense
+    _check(rmu, PAPER["rmu"], "table1 scale=paper defense=rmu")
+    specdef = compose_cfg(*next(job for job in jobs if "defense=specdef_elm" in job)).defense
+    _check(specdef, SPECDEF_PAPER, "table1 scale=paper defense=specdef_elm")
