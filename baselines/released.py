@@ -56,6 +56,7 @@ class ReleasedCheckpoint:
     """path: hub id or local folder of a released defended model; revision: a hub commit or tag (null:
     the default branch). Loaded in the run model's dtype and attention kernel, on its device."""
     name = "checkpoint"
+    cacheable = False  # the release is already on disk: a cached copy would only duplicate it
 
     def __init__(self, path: str, revision: str | None = None):
         self.path, self.revision = path, revision
