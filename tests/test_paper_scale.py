@@ -161,3 +161,11 @@ def test_table1_jobs_at_paper_scale_carry_the_paper_values():
     _check(rmu, PAPER["rmu"], "table1 scale=paper defense=rmu")
     specdef = compose_cfg(*next(job for job in jobs if "defense=specdef_elm" in job)).defense
     _check(specdef, SPECDEF_PAPER, "table1 scale=paper defense=specdef_elm")
+
+
+def test_utility_table_measures_every_alpha_at_paper_scale():
+    """The utility table records the drift of alphas float32 cannot carry instead of refusing them."""
+    jobs = preset_jobs("utility", "scale=paper")
+    cfgs = [compose_cfg(*job).defense for job in jobs]
+    assert sorted(c.alpha for c in cfgs) == [1e3, 1e5, 1e9]
+    assert all(c.strict_drift is False and c.dtype == "float32" for c in cfgs)
