@@ -70,6 +70,27 @@ def build_base(base, overrides: Mapping | None, scale: str | None = None):
                           "allowed: give the value in defense.base_overrides") from None
 
 
+def check_alpha_fits(alpha: float, dtype: torch.dtype, tolerance: float, strict: bool) -> None:
+    """With strict_drift, refuse before any work an α whose rounding error eps·α (the measured constant
+    is below 1: results/precision_frontier.md) already exceeds the tolerance."""
+    bound = tolerance / torch.finfo(dtype).eps
+    if strict and alpha > bound:
+        name = str(dtype).removeprefix("torch.")
+        raise ConfigError(f"defense.alpha={alpha:g}: {name} carries alpha up to about {bound:.2g} within "
+                          f"defense.drift_tolerance={tolerance:g} (error ~ eps*alpha); allowed alpha "
+                          f"<= {bound:.2g}, a wider defense.dtype, or defense.strict_drift=false")
+
+
+def check_config(cfg) -> None:
+    """Validation hook (before any model loads): a SpecDef run's α against its storage dtype."""
+    defense = cfg.get("defense") or {}
+    if not str(defense.get("_target_", "")).startswith("specdef.") or not defense.get("strict_drift"):
+        return
+    dtype = defense.get("dtype") or (cfg.get("model") or {}).get("dtype")
+    if dtype in DTYPES and isinstance(defense.get("alpha"), (int, float)):
+        check_alpha_fits(float(defense.alpha), DTYPES[dtype], defense.get("drift_tolerance", 1e-2), True)
+
+
 class SpecDef:
     """Amplify the top-k singular subspace of the matched layers by α and insert compensation layers.
 
@@ -111,7 +132,8 @@ class SpecDef:
     def __call__(self, model, tokenizer, data):
         # the layer and k checks run before the base defense trains: bad input fails before heavy work
         plan_layers(model, self.layers, self.k, self.k_policy)
-        self._check_alpha_fits(DTYPES[self.dtype] if self.dtype else next(model.parameters()).dtype)
+        check_alpha_fits(self.alpha, DTYPES[self.dtype] if self.dtype else next(model.parameters()).dtype,
+                         self.drift_tolerance, self.strict_drift)
         if self.base is not None:
             base = build_base(self.base, self.base_overrides, self.base_scale)
             model = base(model, tokenizer, data)
@@ -154,16 +176,6 @@ class SpecDef:
         if off:
             log.warning("specdef: sigma1(W') / (alpha sigma1(W)) off by more than 1%% on %s; "
                         "raise defense.niter or use defense.method=exact", off)
-
-    def _check_alpha_fits(self, dtype: torch.dtype) -> None:
-        """With strict_drift, refuse before any training an α whose rounding error eps·α (the measured
-        constant is below 1: results/precision_frontier.md) already exceeds the tolerance."""
-        bound = self.drift_tolerance / torch.finfo(dtype).eps
-        if self.strict_drift and self.alpha > bound:
-            name = str(dtype).removeprefix("torch.")
-            raise ConfigError(f"defense.alpha={self.alpha:g}: {name} carries alpha up to about {bound:.2g} within "
-                              f"defense.drift_tolerance={self.drift_tolerance:g} (error ~ eps*alpha); allowed alpha "
-                              f"<= {bound:.2g}, a wider defense.dtype, or defense.strict_drift=false")
 
     def _check_drift(self, drift: dict) -> None:
         err = drift["rel_logit_error"]

@@ -12,6 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import ListConfig, OmegaConf
 
 from harness.errors import ConfigError
+from harness.validate import validate
 from specdef.defense import SpecDef, load_base_config
 from tests.conftest import CONF_DIR, compose_cfg
 
@@ -99,6 +100,14 @@ def test_alpha_the_dtype_cannot_carry_stops_before_the_base_trains(tiny_model, d
     assert Trains.runs == 0
     with pytest.raises(ConfigError, match="defense.dtype='fp8'"):
         SpecDef(alpha=10.0, k=4, dtype="fp8")
+
+
+def test_alpha_the_dtype_cannot_carry_stops_at_validation():
+    with pytest.raises(ConfigError, match=r"defense.alpha=1e\+09: float32 carries alpha up to about"):
+        validate(compose_cfg("scale=paper", "defense=specdef", "defense.alpha=1e9"))
+    with pytest.raises(ConfigError, match=r"defense.alpha=10000: bfloat16 carries alpha up to about 1.3"):
+        validate(compose_cfg("scale=paper", "defense=specdef", "defense.dtype=null"))  # the model's bfloat16
+    validate(compose_cfg("scale=paper", "defense=specdef_elm"))  # the paper's alpha in float32
 
 
 def test_release_dtype_is_stored_and_recorded(tiny_model, data):
