@@ -46,7 +46,7 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     """Apply the defense, or load its result from the cache: a sweep of 15 attacks on one defended
     model trains the defense once. Keyed by model, data and defense config, the defense's code and
     the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only."""
-    if defense.name == "none" or not cfg.cache_defended:
+    if defense.name == "none" or not getattr(defense, "cacheable", True) or not cfg.cache_defended:
         return defense(model, tokenizer, data)
     from specdef.release import load_defended, manifest_record, save_defended
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}

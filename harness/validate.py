@@ -188,3 +188,7 @@ def validate(cfg: DictConfig) -> None:
     _check_forward_only(cfg)
     _check_recovery_rule(cfg)
     _check_writable(cfg)
+    from baselines.released import check_config as check_release
+    from specdef.defense import check_config as check_specdef
+    check_release(cfg)  # a released defended model out of reach stops here, before any model is loaded
+    check_specdef(cfg)  # ... and an alpha the release dtype cannot carry (strict_drift)
