@@ -54,10 +54,12 @@ def test_run_report_lands_in_the_offline_run_as_table_and_images(offline):
             logger.log(point, step=point["step"])
         images = log_run_report(logger, record, run_dir)
     (wandb_run,) = _run_dirs(run_dir)
-    tables = list(_tables(wandb_run).values())
-    assert len(tables) == 1
-    assert tables[0]["columns"] == ["defense", "initial acc", "lr=1e-3"]
-    assert tables[0]["data"] == [["none", "0.600", "10 / 0.630"]]
+    tables = sorted(_tables(wandb_run).values(), key=lambda t: t["columns"])
+    assert len(tables) == 2  # the summary (best lr per optimizer) and the adam block
+    assert tables[0]["columns"] == ["defense", "initial acc", "adam"]
+    assert tables[0]["data"] == [["none", "0.600", "✓10 / 0.630 at lr=1e-3"]]
+    assert tables[1]["columns"] == ["defense", "initial acc", "lr=1e-3"]
+    assert tables[1]["data"] == [["none", "0.600", "✓10 / 0.630"]]
     assert {p.name for p in images} == {"hazard_adam.png", "loss_adam.png"}
     assert len(list((wandb_run / "files" / "media" / "images").rglob("*.png"))) == 2
     # offline, per-step history lives only in the run's protobuf log (no Python reader in wandb 0.31):
@@ -128,5 +130,5 @@ def test_report_logs_the_sweep_tables_to_wandb(offline):
     assert report.main([str(sweep), "--out", str(out), "--no-plots", "--wandb"]) == 0
     (wandb_run,) = _run_dirs(out)
     tables = _tables(wandb_run)
-    assert len(tables) == 5  # relearning x3 optimizers, utility, ablations
+    assert len(tables) == 6  # summary, relearning x3 optimizers, utility, ablations
     assert any(t["columns"][:2] == ["ablation", "defense"] for t in tables.values())
