@@ -8,7 +8,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from harness.errors import ConfigError
-from harness.pipeline import run
+from harness.pipeline import run, show_plan
 
 log = logging.getLogger("run")
 
@@ -17,6 +17,9 @@ log = logging.getLogger("run")
 def main(cfg: DictConfig) -> float:
     """Returns the post-attack hazard accuracy, the objective a Hydra sweeper minimises."""
     try:
+        if cfg.plan:
+            show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record
+            return None
         record = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, InstantiationException) as e:
         # a ConfigError raised while Hydra builds a defense or attack arrives wrapped

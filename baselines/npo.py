@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from baselines.common import (TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy,
                               mean_nll, run_info, sequence_nll)
+from harness import distributed
 from harness.train import train_loop
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def npo_loss(nll: torch.Tensor, nll_ref: torch.Tensor, beta: float) -> torch.Tensor:
     """(2/β) · mean log(1 + (π_θ/π_ref)^β) from summed sequence NLLs (B,) of the model and the reference."""
-    return -(2.0 / beta) * F.logsigmoid(beta * (nll - nll_ref)).mean()
+    return -(2.0 / beta) * distributed.batch_mean(F.logsigmoid(beta * (nll - nll_ref)))
 
 
 class NPO:
@@ -56,7 +57,7 @@ class NPO:
                                    f["labels"])
         forget = npo_loss(nll, nll_ref, self.beta)
         retain = mean_nll(model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
-        terms(npo=forget, retain_nll=retain, forget_nll_gain=(nll - nll_ref).mean())
+        terms(npo=forget, retain_nll=retain, forget_nll_gain=distributed.batch_mean(nll - nll_ref))
         return self.npo_coeff * forget + self.retain_coeff * retain
 
     def __call__(self, model, tokenizer, data):
@@ -65,11 +66,12 @@ class NPO:
         ref = frozen_copy(model)
         batches = forget_retain_batches(tokenizer, forget_texts(data, self.forget_splits), data.retain,
                                         self.batch_size, data.max_length, self.seed, model.device)
-        params = [p for p in model.parameters() if p.requires_grad]
         terms = TermLog()
-        result = train_loop(model, batches, lambda m, b: self.loss(m, ref, terms, b),
-                            [adamw(params, self.lr, self.weight_decay)], steps=self.steps,
-                            grad_accum=self.grad_accum, desc="defense npo")
+        with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end
+            params = [p for p in trained.parameters() if p.requires_grad]
+            result = train_loop(trained, batches, lambda m, b: self.loss(m, ref, terms, b),
+                                [adamw(params, self.lr, self.weight_decay)], steps=self.steps,
+                                grad_accum=self.grad_accum, desc="defense npo")
         self.info = run_info(t0, {"train": result}, terms)
         log.info("npo: %s", self.info)
         return model
