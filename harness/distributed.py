@@ -385,7 +385,7 @@ def _checkpoint_blocks(model: nn.Module) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ConfigError(f"dist.activation_checkpointing=true with a {type(base).__name__}: it does not support "
                           "gradient checkpointing; allowed activation_checkpointing=false")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from the layers they match. Per rank, for each stage of the run (defense trainin
   plus one block recomputed; with a double backward (SophiaH, AdaHessian) twice that, plus the eager
   attention's scores;
 - a defense's extra models and buffers: frozen reference copies (RMU, NPO, TAR), TAR's inner
-  adversary (its AdamW state, a saved θ and the meta-gradient), RepNoise's logit lens (V per layer).
+  adversary (its AdamW state, a saved θ and the meta-gradient), RepNoise's logit lens (2V per layer),
+  ELM's erase target (4V per forget token).
 
 Under dist=fsdp every rank also keeps the plain model whole in host memory (P·b), reported apart.
 These are estimates (within 25 % of measured memory on the tiny model: tests/test_distributed.py);
@@ -132,18 +133,24 @@ def hf_config(cfg_model, cfg_data):
         return tiny.model_config(tiny_spec(cfg_model), tiny.build_tokenizer(synthetic.vocabulary(world)))
     from transformers import AutoConfig
     from harness.models import check_hub_model
-    try:
-        check_hub_model(cfg_model)
-    except ConfigError:
-        if cfg_model.get("architecture") is None:
-            raise
-        # not reachable here (e.g. a login node): the architecture its config.json publishes
-        return AutoConfig.for_model(**OmegaConf.to_container(cfg_model.architecture))
+    try:  # a local folder or the Hugging Face cache, without the network
+        return AutoConfig.from_pretrained(cfg_model.path, trust_remote_code=cfg_model.trust_remote_code,
+                                          local_files_only=True)
+    except (OSError, ValueError):
+        if cfg_model.get("architecture") is not None:  # e.g. on a login node: what its config.json publishes
+            return AutoConfig.for_model(**OmegaConf.to_container(cfg_model.architecture))
+    check_hub_model(cfg_model)  # unreachable: one line saying how to provide it
     return AutoConfig.from_pretrained(cfg_model.path, trust_remote_code=cfg_model.trust_remote_code)
 
 
 def model_shape(cfg_model, cfg_data) -> Shape:
-    return _shape(hf_config(cfg_model, cfg_data), DTYPE_BYTES[cfg_model.dtype])
+    key = repr((OmegaConf.to_container(cfg_model, resolve=True), OmegaConf.to_container(cfg_data, resolve=True)))
+    if key not in _shapes:  # a sweep plans the same model for every job
+        _shapes[key] = _shape(hf_config(cfg_model, cfg_data), DTYPE_BYTES[cfg_model.dtype])
+    return _shapes[key]
+
+
+_shapes: dict[str, Shape] = {}
 
 
 def _shape(config, dtype_bytes: int) -> Shape:
@@ -220,8 +227,12 @@ class Costs:
     def rows(self, batch: int) -> int:
         return math.ceil(batch / self.ranks) if self.sharded else batch
 
+    def per_token(self, batch: int, values: int) -> float:
+        """`values` float32 numbers for each token of this rank's rows of `batch` sequences."""
+        return self.rows(batch) * self.seq * values * 4
+
     def activations(self, batch: int, forwards: int = 1, extra_per_block: int = 0,
-                    double_backward: bool = False, lens: bool = False) -> float:
+                    double_backward: bool = False) -> float:
         """Saved activations of `forwards` graph-building forward passes of `batch` sequences."""
         s = self.shape
         tokens = self.rows(batch) * self.seq
@@ -230,7 +241,7 @@ class Costs:
             per_token = s.layers * s.hidden + per_block
         else:
             per_token = s.layers * per_block
-        per_token += 2 * s.vocab + (s.layers * s.vocab if lens else 0)
+        per_token += 2 * s.vocab
         values = tokens * per_token
         if double_backward:  # the gradients keep their graph, and the math attention kernel stores its scores
             values = 2 * values + tokens * s.layers * 2 * s.heads * self.seq
@@ -289,12 +300,14 @@ def defense_stages(defense, shape: Shape, c: Costs, name: str = "") -> list[Stag
         items = {"frozen copy": c.weights(p), "activations": c.activations(batch, forwards=2)}
     elif kind == "RepNoise":
         trained = p
-        items = {"activations": c.activations(batch, forwards=2, lens=True)}
+        items = {"activations": c.activations(batch, forwards=2),  # forget and retain text
+                 "logit lens": c.per_token(batch, 2 * shape.layers * shape.vocab)}  # logits + log-softmax per layer
     elif kind == "ELM":
         trained = lora_params(shape, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                               int(defense.lora_r), list(defense.lora_layers))
         p += trained
-        items = {"activations": c.activations(batch, forwards=3)}
+        items = {"activations": c.activations(batch, forwards=3),  # forget, retain and consistency text
+                 "erase target": c.per_token(batch, 4 * shape.vocab)}  # three log-softmaxes and the target
     else:  # TAR, and any defense this plan does not know: the most a defense here keeps
         trained = p
         items = {"frozen copy": c.weights(p), "adversary state": c.weights(4 * p),
@@ -329,8 +342,8 @@ def plan(cfg, ranks: int | None = None, device_memory: float | None = None, devi
     specdef_params = sum(out * out for _, _, out in specdef_layers(shape, cfg.defense))
 
     def stages(w: int, fsdp: bool) -> list[Stage]:
-        c = Costs(shape, w, fsdp, bool(cfg.dist.get("activation_checkpointing", False)),
-                  bool(cfg.dist.get("cpu_offload", False)), seq or int(cfg.data.max_length))
+        c = Costs(shape, w, fsdp, fsdp and bool(cfg.dist.get("activation_checkpointing", False)),
+                  fsdp and bool(cfg.dist.get("cpu_offload", False)), seq or int(cfg.data.max_length))
         out = defense_stages(cfg.defense, shape, c) + [attack_stage(cfg, shape, c, specdef_params),
                                                       evaluation_stage(cfg, shape, c, specdef_params)]
         for stage in out if fsdp else ():

@@ -53,3 +53,118 @@ def test_two_ranks_train_like_one_process(tiny_path, tmp_path):
         assert w1.keys() == w2.keys() and w1
         assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5, name
     assert any("comp" in k for k in load_file(sharded / "adam.safetensors"))  # SpecDef's layers trained too
+
+
+def _run(tmp_path: Path, *overrides: str) -> list[str]:
+    return [*TORCHRUN, "run.py", "dist=fsdp", "attack.steps=12", "attack.eval_every=3", "attack.checkpoint_every=3",
+            "eval.limit=20", *overrides]
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` among the children of `parent` (from its environment)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in children:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_path, tmp_path_factory):
+    """A 2-rank run to the end, with the run folder left to Hydra (`${now:...}`, resolved by every rank)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    out = subprocess.run(_run(tmp), cwd=REPO, capture_output=True, text=True, env=_env(tmp), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folders = list((tmp / "outputs" / "runs").iterdir())
+    assert len(folders) == 1  # both ranks wrote into one folder: rank 0's
+    return read_record(folders[0] / "result.json")
+
+
+def test_sharded_run_writes_one_record(uninterrupted):
+    assert uninterrupted["provenance"]["world_size"] == 2
+    assert uninterrupted["attack"]["steps"] == 12 and uninterrupted["config"]["dist"]["name"] == "fsdp"
+    assert [p["step"] for p in uninterrupted["attack"]["trajectory"]] == [0, 3, 6, 9, 12]
+
+
+def test_a_killed_rank_leaves_no_record_and_the_run_resumes(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _run(tmp_path, f"hydra.run.dir={run_dir}")
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("attack_checkpoint/*/meta.json")):
+        time.sleep(0.1)  # kill once the attack has saved a sharded checkpoint, i.e. mid-attack
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0  # torchrun ends the other rank and fails
+    assert list(run_dir.glob("attack_checkpoint/*/sharded/.metadata"))
+    assert read_record(run_dir / "result.json") is None and not (tmp_path / "outputs" / "records").exists()
+    done = subprocess.run(args, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = read_record(run_dir / "result.json")
+    assert resumed["attack"]["extra"]["resumed_from_step"] >= 3
+    assert resumed["attack"]["trajectory"] == uninterrupted["attack"]["trajectory"]
+    assert resumed["metrics"] == uninterrupted["metrics"]
+
+
+def test_what_cannot_be_sharded_refuses_in_one_line():
+    for overrides, words in [(("attack=sophia",), "double backward"), (("attack=adahessian",), "double backward"),
+                             (("attack.sharpness_every=10",), "Hessian-vector products")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            validate(compose_cfg("dist=fsdp", *overrides))
+        assert "\n" not in str(e.value) and "allowed dist=none" in str(e.value)
+    validate(compose_cfg("dist=fsdp", "attack=muon"))  # Muon runs sharded (DTensor gathers its matrices)
+
+
+def test_several_processes_need_dist_fsdp(monkeypatch):
+    from harness import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="dist=none with 2 processes"):
+        distributed.setup(compose_cfg())
+
+
+def test_plan_refuses_paper_scale_adam_on_one_gpu_and_names_the_gpus():
+    cfg = compose_cfg("scale=paper", "defense=specdef", "attack=adam", "dist=none", "dist.activation_checkpointing=false")
+    with pytest.raises(ConfigError, match=r"needs .* GiB per rank .* allowed dist=fsdp on >= \d+ devices") as e:
+        memory_plan.check(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_paper_scale_asks_slurm_for_the_gpus_its_plan_needs():
+    """scale=paper's GPUs per job are the plan's figure, not a guess: the fewest 80 GB GPUs on which every
+    job of experiment=table1 fits (benchmarks/memory_plan.py prints the table), one task per GPU."""
+    from benchmarks.memory_plan import _compose, sweep_gpus
+    cfg = _compose(["scale=paper"])
+    assert cfg.dist.name == "fsdp" and cfg.model.dtype == "float32"
+    launcher = cfg.hydra.launcher
+    rows = sweep_gpus("scale=paper", attacks=["adam"])  # Adam keeps the most state of the first-order attacks
+    assert launcher.gpus_per_node == launcher.tasks_per_node == max(r["min_gpus"] for r in rows)
+    assert all(r["per_rank_gib"] <= 0.9 * 80 - 2 for r in rows)
+    assert launcher.mem_gb >= launcher.tasks_per_node * max(r["host_gib"] for r in rows)
+
+
+def test_plan_true_prints_the_plan_and_loads_nothing(tmp_path):
+    env = {**os.environ, "SPECDEF_OUTPUTS": str(tmp_path), "SPECDEF_CACHE": str(tmp_path / "empty_cache"),
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "run.py", "scale=paper", "defense=specdef_elm", "plan=true"], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "memory plan: " in out.stdout and "attack: adam" in out.stdout and "fits from" in out.stdout
+    assert not (tmp_path / "empty_cache").exists() and not list(tmp_path.rglob("result.json"))
+
+
+def test_memory_plan_matches_measured_memory_of_the_tiny_model(tiny_path, base_cfg):
+    """Growth of resident memory over two Adam steps of the tiny model against the plan's attack stage,
+    at the measured batch shape (the plan's default is the longest batch data.max_length allows)."""
+    rows, seq = 64, base_cfg.data.max_length
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "tests.memory_probe", str(tiny_path), str(rows), str(seq)],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.splitlines()[-1])
+    cfg = compose_cfg(f"attack.batch_size={rows}")
+    planned = memory_plan.plan(cfg, seq=seq).stages[0]
+    assert planned.name == "attack: adam"
+    assert planned.total == pytest.approx(measured["grown"], rel=0.25)
