@@ -20,7 +20,8 @@ from the layers they match. Per rank, for each stage of the run (defense trainin
   adversary (its AdamW state, a saved θ and the meta-gradient), RepNoise's logit lens (2V per layer),
   ELM's erase target (4V per forget token).
 
-Under dist=fsdp every rank also keeps the plain model whole in host memory (P·b), reported apart.
+Under dist=fsdp every rank also keeps the plain model whole in host memory (P·b), reported apart
+(with dist.cpu_offload the shards, gradients and optimizer state move there too; not counted).
 These are estimates (within 25 % of measured memory on the tiny model: tests/test_distributed.py);
 the run is refused when the largest stage exceeds the usable share of a device.
 """
@@ -61,6 +62,7 @@ class Shape:
     vocab: int
     linears: tuple          # (module name, in_features, out_features) of every nn.Linear, for SpecDef and LoRA
     dtype_bytes: int
+    meta_model: torch.nn.Module = dataclasses.field(compare=False, repr=False)  # on the meta device: no memory
 
 
 @dataclasses.dataclass
@@ -82,6 +84,7 @@ class Plan:
     device_label: str
     stages: list[Stage]
     min_ranks: int | None = None     # smallest number of ranks that fits (dist=fsdp), None: none does
+    shardable: bool = True           # False: the attack needs a double backward, which FSDP2 cannot shard
 
     def stage_total(self, stage: Stage) -> float:
         """Bytes a stage needs of one rank's device (on the CPU the device is host memory: the plain model too)."""
@@ -109,14 +112,19 @@ class Plan:
             items = ", ".join(f"{k} {v / GiB:.2f}" for k, v in s.device.items() if v)
             host = f"; host {s.host / GiB:.2f}" if s.host else ""
             lines.append(f"  {s.name:<28} {self.stage_total(s) / GiB:8.2f}   ({items}{host})")
-        device = "unknown" if self.device_memory is None else f"{self.device_memory / GiB:.1f} ({self.usable / GiB:.1f} usable)"
+        device = ("unknown" if self.device_memory is None
+                  else f"{self.device_memory / GiB:.1f} ({self.usable / GiB:.1f} usable)")
         lines.append(f"  largest stage {self.per_rank / GiB:.2f} GiB; device {self.device_label}: {device}")
         lines.append(f"  {'fits' if self.fits else 'does not fit'}; {self.needs()}")
         return "\n".join(lines)
 
     def needs(self) -> str:
+        if not self.shardable:
+            return (f"this attack cannot be sharded (a double backward): it needs one device with "
+                    f"{self.per_rank / GiB:.1f} GiB usable")
         if self.min_ranks is None:
-            return "no number of ranks fits: turn on dist.activation_checkpointing or dist.cpu_offload, or shrink the batch"
+            return ("no number of ranks fits: turn on dist.activation_checkpointing or dist.cpu_offload, "
+                    "or shrink the batch")
         return f"dist=fsdp fits from {self.min_ranks} rank{'s' if self.min_ranks > 1 else ''} of this device"
 
 
@@ -170,21 +178,17 @@ def _shape(config, dtype_bytes: int) -> Shape:
                  matrix_params=sum(p.numel() for b in blocks for p in b.parameters() if p.ndim == 2),
                  layers=len(blocks), hidden=hidden, kv_hidden=hidden // heads * kv_heads,
                  intermediate=getattr(config, "intermediate_size", 4 * hidden), heads=heads,
-                 vocab=config.vocab_size, linears=linears, dtype_bytes=dtype_bytes)
-
-
-def _matches(name: str, patterns) -> bool:
-    from specdef.core import _matches as specdef_matches
-    return any(specdef_matches(name, str(p)) for p in patterns)
+                 vocab=config.vocab_size, linears=linears, dtype_bytes=dtype_bytes, meta_model=model)
 
 
 def specdef_layers(shape: Shape, defense) -> list[tuple]:
     """(name, in, out) of the Linears SpecDef defends (its layer patterns, or the MLP output projections)."""
     if not str(defense.get("_target_", "")).startswith("specdef."):
         return []
-    from specdef.core import DEFAULT_LAYERS
-    patterns = defense.get("layers") or DEFAULT_LAYERS
-    return [lin for lin in shape.linears if _matches(lin[0], patterns)]
+    from specdef.core import match_layers
+    layers = defense.get("layers")
+    names = set(match_layers(shape.meta_model, None if layers is None else list(layers)))
+    return [lin for lin in shape.linears if lin[0] in names]
 
 
 def lora_params(shape: Shape, targets, r: int, layers=None) -> int:
@@ -350,10 +354,16 @@ def plan(cfg, ranks: int | None = None, device_memory: float | None = None, devi
             stage.host = (shape.params + specdef_params) * shape.dtype_bytes
         return out
 
-    result = Plan(ranks, sharded, device_memory, label, stages(ranks, sharded))
-    result.min_ranks = next((w for w in range(1, MAX_RANKS + 1)
-                             if Plan(w, True, device_memory, label, stages(w, True)).fits), None)
+    result = Plan(ranks, sharded, device_memory, label, stages(ranks, sharded), shardable=_shardable(cfg))
+    if result.shardable:
+        result.min_ranks = next((w for w in range(1, MAX_RANKS + 1)
+                                 if Plan(w, True, device_memory, label, stages(w, True)).fits), None)
     return result
+
+
+def _shardable(cfg) -> bool:
+    from attacks.optimizers import config_needs_double_backward
+    return not config_needs_double_backward(cfg.attack) and cfg.attack.get("sharpness_every") is None
 
 
 def check(cfg) -> None:
@@ -369,6 +379,9 @@ def check(cfg) -> None:
 
 
 def _advice(p: Plan) -> str:
+    if not p.shardable:
+        return (f"a device with {p.per_rank / GiB:.0f} GiB usable (this attack's double backward cannot be sharded), "
+                "or a first-order attack with dist=fsdp")
     if p.min_ranks is None:
         return "dist.activation_checkpointing=true, dist.cpu_offload=true or a smaller batch"
     n = p.min_ranks

@@ -129,10 +129,6 @@ def _check_optimizer_fits_parameters(cfg: DictConfig) -> None:
 def _check_dist(cfg: DictConfig) -> None:
     """What cannot run sharded stops here, saying what to use instead."""
     if _get(cfg, "dist.name") != "fsdp":
-        for key in ("dist.activation_checkpointing", "dist.cpu_offload"):  # e.g. set by scale=paper
-            if _get(cfg, key) is True:
-                raise ConfigError(f"{key}=true with dist=none: it applies to the sharded model only; allowed "
-                                  f"dist=fsdp, or {key}=false")
         return
     from attacks.optimizers import config_needs_double_backward
     from harness.distributed import launched_world_size

@@ -126,7 +126,7 @@ def test_several_processes_need_dist_fsdp(monkeypatch):
 
 
 def test_plan_refuses_paper_scale_adam_on_one_gpu_and_names_the_gpus():
-    cfg = compose_cfg("scale=paper", "defense=specdef", "attack=adam", "dist=none", "dist.activation_checkpointing=false")
+    cfg = compose_cfg("scale=paper", "defense=specdef", "attack=adam", "dist=none", "dist.device_memory_gb=80")
     with pytest.raises(ConfigError, match=r"needs .* GiB per rank .* allowed dist=fsdp on >= \d+ devices") as e:
         memory_plan.check(cfg)
     assert "\n" not in str(e.value)
