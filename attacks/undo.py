@@ -1,10 +1,12 @@
 """Attacks that undo SpecDef before fine-tuning (the paper's "limits" result).
 
 Threat model: the attacker has the released weights and the architecture, so every compensated
-layer is visible as a Linear followed by a square, bias-free Linear (`SpecDefLinear.inner`/`.comp`).
+layer is visible as a layer followed by a square, bias-free Linear (`.inner`/`.comp` of SpecDefLinear
+for nn.Linear and Conv1D, of SpecDefExperts for MoE experts, whose C follows the expert mixture).
 Neither attack reads the α, k or method that the release stores for bookkeeping.
 
-- `collapse`: the layer-collapse (layer-injection) attack. Merge C into W': W ← C·W', b ← C·b'.
+- `collapse`: the layer-collapse (layer-injection) attack. Merge C into W': W ← C·W', b ← C·b'
+  (for experts into every expert's down projection and bias: C·Σₑ gₑ(Wₑ'hₑ + bₑ') = Σₑ gₑ C(Wₑ'hₑ + bₑ')).
   Exact in float64 and back to the plain architecture and parameter count.
 - `spectral_inverse`: re-apply a SpecDef-type transform with 1/α on the amplified subspace. The
   subspace and α are read off C's spectrum: C = I − (1 − 1/α) P is symmetric with eigenvalue 1/α on
@@ -18,28 +20,29 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
-from specdef.core import amplify_, set_module, specdef_modules
+from specdef.core import CHUNK, amplify_, set_module, specdef_modules
+from specdef.modules import output_weights
 
 UNDO = (None, "collapse", "spectral")
 
 
-def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.to(like.weight.dtype), requires_grad=like.weight.requires_grad)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.to(like.weight.dtype), requires_grad=like.weight.requires_grad)
-    return layer
-
-
 @torch.no_grad()
-def collapse_layer(module) -> nn.Linear:
+def collapse_layer(module) -> nn.Module:
+    """The inner layer with C merged into its output projection: every Wₑ ← C·Wₑ, bₑ ← C·bₑ (in float64,
+    in place, in blocks of CHUNK columns). For experts this is the shared C merged into each expert."""
     c = module.comp.weight.double()
-    bias = module.inner.bias
-    return _plain_linear(c @ module.inner.weight.double(), None if bias is None else c @ bias.double(), module.inner)
+    weight, bias = output_weights(module.inner)
+    for e in range(weight.shape[0]):
+        for j in range(0, weight.shape[2], CHUNK):
+            block = weight[e, :, j:j + CHUNK]
+            block.copy_(c @ block.double())
+    if bias is not None:
+        bias.copy_(bias.double() @ c.T)
+    return module.inner
 
 
 def collapse(model: nn.Module) -> nn.Module:
-    """Replace every compensated layer by the single Linear C·W' (in place); returns the model."""
+    """Replace every compensated layer by its inner layer with C merged in (in place); returns the model."""
     for name, module in specdef_modules(model):
         set_module(model, name, collapse_layer(module))
     return model
@@ -62,14 +65,13 @@ def amplified_subspace(comp_weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def spectral_inverse_layer(module, alpha: float | None = None) -> tuple[nn.Linear, dict]:
+def spectral_inverse_layer(module, alpha: float | None = None) -> tuple[nn.Module, dict]:
+    """The inner layer with its output projection shrunk by 1/α̂ on the subspace read off C (in place)."""
     u, evals = amplified_subspace(module.comp.weight)
     alpha_hat = float(alpha) if alpha is not None else float(1 / evals.mean()) if evals.numel() else 1.0
-    weight = module.inner.weight.detach().double().clone()
-    bias = None if module.inner.bias is None else module.inner.bias.detach().double().clone()
     if u.shape[1]:
-        amplify_(weight, bias, u, 1 / alpha_hat)
-    return _plain_linear(weight, bias, module.inner), {"k_hat": int(u.shape[1]), "alpha_hat": alpha_hat}
+        amplify_(*output_weights(module.inner), u, 1 / alpha_hat)
+    return module.inner, {"k_hat": int(u.shape[1]), "alpha_hat": alpha_hat}
 
 
 def spectral_inverse(model: nn.Module, alpha: float | None = None) -> nn.Module:

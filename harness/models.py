@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from harness import synthetic, tiny
 from harness.errors import ConfigError
@@ -25,6 +26,7 @@ def resolve_device(name: str) -> torch.device:
 def from_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
                     trust_remote_code: bool = False, attn_implementation: str | None = None):
     """Load a causal LM and its tokenizer. Weights come from safetensors only (no pickle)."""
+    transformers_logging.disable_progress_bar()  # a bar per load buries the attack's own progress
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -17,6 +17,7 @@ corrupted cache is detected and rebuilt rather than used.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -43,12 +45,14 @@ log = logging.getLogger(__name__)
 TINY_VERSION = 2
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 NUMERICS = ("pinned", "native")
-PRETRAIN_THREADS = 2
+# Threads of the pretraining process. Under pinned numerics the bits do not depend on it (1 and 2 threads
+# give the same weights: results/tiny_robustness), so the cache key leaves it out and a test session
+# may pretrain with 1 thread on each core (SPECDEF_PRETRAIN_THREADS=1, tests/conftest.py).
+PRETRAIN_THREADS = int(os.environ.get("SPECDEF_PRETRAIN_THREADS", "2"))
 # Read by MKL and ATen when they initialise, hence set in a fresh process. MKL_CBWR=COMPATIBLE is the
 # one MKL branch documented to give the same results on Intel and non-Intel x86-64 CPUs; the MKL and
 # OpenMP thread counts are fixed because MKL's reproducibility is conditional on them.
-PINNED_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": str(PRETRAIN_THREADS),
-              "MKL_NUM_THREADS": str(PRETRAIN_THREADS), "MKL_DYNAMIC": "FALSE"}
+PINNED_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "MKL_DYNAMIC": "FALSE"}
 # Variables that would override or fight the pinned ones in the child.
 UNPINNED_VARS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
 # The code that turns a spec into weights; its source is part of the cache key.
@@ -88,7 +92,7 @@ def numerics_id(numerics: str) -> str:
     """What, besides the spec, decides the bits: the numerics actually used and the library versions."""
     versions = f"torch={torch.__version__} transformers={metadata.version('transformers')}"
     if numerics == "pinned" and pinned_numerics_available():
-        return f"pinned {json.dumps(PINNED_ENV, sort_keys=True)} {versions}"
+        return f"pinned {json.dumps(PINNED_ENV, sort_keys=True)} {versions}"  # thread count: see PRETRAIN_THREADS
     mkl = {k: os.environ[k] for k in UNPINNED_VARS if k in os.environ}
     return (f"native {platform.machine()} {torch.backends.cpu.get_cpu_capability()} {json.dumps(mkl, sort_keys=True)} "
             f"threads={PRETRAIN_THREADS} {versions}")
@@ -203,16 +207,25 @@ def _read_texts(data_dir: Path, name: str) -> list[str]:
 
 def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, cache_dir: Path,
                 progress: bool = True) -> Path:
-    """Path of the cached pretrained model, training it first if the cache is missing or corrupt."""
+    """Path of the cached pretrained model, training it first if the cache is missing or corrupt.
+    Processes that need the same model at once (the jobs of a parallel sweep) train it once: the
+    others wait on a file lock."""
     if spec.numerics not in NUMERICS:
         raise ConfigError(f"model.spec.numerics={spec.numerics!r}: allowed {', '.join(NUMERICS)}")
     folder = Path(cache_dir) / "tiny" / cache_key(world, spec)
-    if folder.is_dir():
-        problem = verify_manifest(folder)
-        if problem is None:
-            return folder
-        log.warning("cached tiny model at %s is corrupt (%s); rebuilding", folder, problem)
-        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if folder.is_dir():
+            problem = verify_manifest(folder)
+            if problem is None:
+                return folder
+            log.warning("cached tiny model at %s is corrupt (%s); rebuilding", folder, problem)
+            shutil.rmtree(folder)
+        _build(world, spec, Path(data_dir), folder, progress)
+    return folder
+
+
+def _build(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, folder: Path, progress: bool) -> None:
     pinned = spec.numerics == "pinned" and pinned_numerics_available()
     if spec.numerics == "pinned" and not pinned:
         log.warning("model.spec.numerics=pinned needs an x86-64 CPU and torch with MKL (here: %s); pretraining "
@@ -222,15 +235,11 @@ def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, ca
              folder)
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
     t0 = time.perf_counter()
-    report = _pretrain_in_subprocess(world, spec, Path(data_dir), tmp, pinned, progress)
+    report = _pretrain_in_subprocess(world, spec, data_dir, tmp, pinned, progress)
     write_manifest(tmp, {"world": dataclasses.asdict(world), "spec": dataclasses.asdict(spec),
                          "numerics_id": numerics_id(spec.numerics), "weights_sha256": weights_digest(tmp),
                          "pretrain_seconds": round(time.perf_counter() - t0, 1), **report})
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first; theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    tmp.rename(folder)
 
 
 def _pretrain_in_subprocess(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, out: Path,
@@ -241,6 +250,8 @@ def _pretrain_in_subprocess(world: synthetic.WorldConfig, spec: TinySpec, data_d
     env = {k: v for k, v in os.environ.items() if not (pinned and k in UNPINNED_VARS)}
     env.update(extra_env or {})
     env.update(PINNED_ENV if pinned else {})
+    # MKL's reproducibility is conditional on a fixed thread count: fix it before MKL loads
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     args = [sys.executable, "-m", "harness.tiny", "--world", json.dumps(dataclasses.asdict(world)),
             "--spec", json.dumps(dataclasses.asdict(spec)), "--data-dir", str(data_dir), "--out", str(out),
@@ -249,12 +260,27 @@ def _pretrain_in_subprocess(world: synthetic.WorldConfig, spec: TinySpec, data_d
         args.append("--expect-pinned")
     if progress:
         args.append("--progress")
-    proc = subprocess.run(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=None if progress else subprocess.PIPE, text=True)
+    with subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=None if progress else subprocess.PIPE, text=True) as proc:
+        _running.add(proc)
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            _running.discard(proc)
     if proc.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
-        raise RuntimeError(f"pretraining the tiny model failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"pretraining the tiny model failed (exit {proc.returncode}):\n{(stderr or '')[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+_running: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _stop_running_pretraining() -> None:
+    """A pretraining started from a background thread (tests/conftest.py) must not outlive its parent."""
+    for proc in list(_running):
+        proc.kill()
 
 
 def _main(argv: list[str] | None = None) -> None:

@@ -82,6 +82,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("defense.drift_tolerance", positive, "a finite number > 0"),
     ("defense.drift_samples", positive_int, "an integer >= 1"),
     ("defense.method", one_of("lowrank", "exact"), "lowrank or exact"),
+    ("defense.k_policy", one_of("error", "clip", "skip"), "error, clip or skip"),
+    ("defense.niter", non_negative_int, "an integer >= 0"),
     ("defense.compute_dtype", one_of("float64", "float32"), "float64 or float32"),
     ("defense.rm_steps", non_negative_int, "an integer >= 0"),
     ("defense.outer_steps", non_negative_int, "an integer >= 0"),

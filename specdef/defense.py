@@ -23,9 +23,9 @@ from omegaconf.errors import InterpolationResolutionError
 
 from harness import distributed
 from harness.errors import ConfigError
-from specdef.core import check_k, check_alpha, check_method, match_layers, transform
+from specdef.core import NITER, check_alpha, check_k_policy, check_method, plan_layers, transform
 from specdef.drift import function_drift, max_supported_alpha
-from specdef.release import save_defended
+from specdef.release import manifest_record, save_defended
 
 log = logging.getLogger(__name__)
 DEFENSE_CONF = Path(__file__).resolve().parents[1] / "conf" / "defense"
@@ -68,8 +68,11 @@ class SpecDef:
     """Amplify the top-k singular subspace of the matched layers by α and insert compensation layers.
 
     alpha: spectral amplification (the paper's Table 1 uses 1e4).  k: singular directions per layer.
-    layers: module-name globs ('re:' for regexes); null = MLP output projections of every block.
-    method: lowrank (randomized SVD, `niter` power iterations) | exact (full SVD).
+    layers: module-name globs ('re:' for regexes) of nn.Linear, Conv1D or MoE experts modules;
+    null = each family's MLP output projection in every block (a warning names blocks it misses).
+    k_policy: a layer of rank below k stops the run (error), gets k = its rank (clip) or is left
+    undefended (skip); both are recorded and written into the release manifest.
+    method: lowrank (randomized block Krylov, `niter` iterations) | exact (full SVD).
     compute_dtype: float64 | float32, the dtype of the algebra before W' and C are rounded to the model's.
     drift_tolerance: relative logit error on held-out text above which a warning names the largest α
     the dtype carries; strict_drift: make that a ConfigError.  drift_samples: held-out texts measured.
@@ -78,10 +81,11 @@ class SpecDef:
     name = "specdef"
 
     def __init__(self, alpha: float, k: int, layers: Sequence[str] | None = None, method: str = "lowrank",
-                 niter: int = 4, compute_dtype: str = "float64", drift_tolerance: float = 1e-2,
+                 niter: int = NITER, compute_dtype: str = "float64", drift_tolerance: float = 1e-2,
                  strict_drift: bool = False, drift_samples: int = 64, base: str | Mapping | None = None,
-                 base_overrides: Mapping | None = None, save_dir: str | None = None, compensate: bool = True):
-        self.alpha, self.method = check_alpha(alpha), check_method(method)
+                 base_overrides: Mapping | None = None, save_dir: str | None = None, compensate: bool = True,
+                 k_policy: str = "error"):
+        self.alpha, self.method, self.k_policy = check_alpha(alpha), check_method(method), check_k_policy(k_policy)
         self.compensate = compensate  # False: the paper's ablation, sigma_1 scaled with no compensation layer
         self.k, self.niter, self.compute_dtype = k, niter, compute_dtype
         self.layers = None if layers is None else [str(p) for p in layers]
@@ -91,33 +95,35 @@ class SpecDef:
 
     def __call__(self, model, tokenizer, data):
         # the layer and k checks run before the base defense trains: bad input fails before heavy work
-        for name in match_layers(model, self.layers):
-            check_k(self.k, name, model.get_submodule(name).weight)
+        plan_layers(model, self.layers, self.k, self.k_policy)
         if self.base is not None:
             base = build_base(self.base, self.base_overrides)
             model = base(model, tokenizer, data)
             self.info["base"] = {"name": base.name, **base.info}
-        names = match_layers(model, self.layers)
-        originals = {n: copy.deepcopy(model.get_submodule(n)) for n in names}  # reference for the drift
+        plan = plan_layers(model, self.layers, self.k, self.k_policy)
+        originals = {n: copy.deepcopy(model.get_submodule(n)) for n in plan.k}  # reference for the drift
         t0 = time.perf_counter()
         reports = transform(model, alpha=self.alpha, k=self.k, layers=self.layers, method=self.method,
-                            niter=self.niter, compensate=self.compensate, compute_dtype=self.compute_dtype)
+                            niter=self.niter, compensate=self.compensate, compute_dtype=self.compute_dtype,
+                            k_policy=self.k_policy)
         seconds = time.perf_counter() - t0
         drift = function_drift(model, tokenizer, data.heldout_text(self.drift_samples), originals, data.max_length)
-        self._record(model, reports, drift, seconds)
+        self._record(model, plan, reports, drift, seconds)
         self._check_drift(drift)
         if self.save_dir:  # dist=fsdp: every rank holds the whole plain model; rank 0 writes the release
             if distributed.is_main():
-                save_defended(model, tokenizer, self.save_dir)
+                save_defended(model, tokenizer, self.save_dir, record=manifest_record(self.info))
             self.info["release_dir"] = str(Path(self.save_dir))
         return model
 
-    def _record(self, model, reports, drift: dict, seconds: float) -> None:
+    def _record(self, model, plan, reports, drift: dict, seconds: float) -> None:
         dtype = next(model.parameters()).dtype
         self.info.update({
             "alpha": self.alpha, "k": self.k, "compensate": self.compensate, "method": self.method, "niter": self.niter,
-            "compute_dtype": self.compute_dtype,
+            "compute_dtype": self.compute_dtype, "k_policy": self.k_policy,
             "layers": self.layers, "layers_matched": [r.name for r in reports],
+            "layers_clipped": plan.clipped, "layers_skipped": plan.skipped,
+            "blocks_without_defended_layer": plan.uncovered_blocks,
             "sigma_ratio": {r.name: r.sigma_ratio for r in reports},
             "layer_reports": [dataclasses.asdict(r) for r in reports],
             "params_added": sum(r.shape[0] ** 2 for r in reports) if self.compensate else 0, "seconds": seconds,

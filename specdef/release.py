@@ -1,50 +1,78 @@
 """Release format of a defended model: Hugging Face safetensors + a SpecDef manifest.
 
-`save_defended` writes `model.save_pretrained` output (safetensors), the tokenizer, and
-`manifest.json` with the defended layers (name, shapes, bias, α, k, method), the dtype and the sha256
-of every file. `load_defended` checks the checksums, builds the architecture from `config.json`,
-re-inserts the SpecDef modules named in the manifest and loads the weights with
-`safetensors.torch.load_file` (no pickle anywhere). The round trip is bit-exact.
+`save_defended` writes
+- `model.safetensors` (`save_pretrained`): every weight under its name in the defended model, so the
+  amplified layers sit under `<layer>.inner.` (a plain `from_pretrained` of the folder misses them,
+  loudly, instead of silently running W' without its compensation);
+- `specdef.safetensors`: the compensation matrices `<layer>.comp.weight`;
+- the tokenizer, and `manifest.json` with the defended layers (name, shapes, bias, α, k, method),
+  the dtype, the k policy with the layers it clipped or skipped, and the sha256 of every file.
+`load_defended` checks the checksums, loads the model through `from_pretrained` itself (renaming
+`<layer>.inner.` back to `<layer>.`), so weight conversions, tied weights and non-persistent buffers
+come out as from any `from_pretrained`, then wraps each listed layer with its compensation. No
+pickle anywhere; the round trip is bit-exact.
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness.errors import ConfigError
 from harness.models import DTYPES
 from harness.tiny import verify_manifest, write_manifest
-from specdef.core import SpecDefLinear, set_module, specdef_modules
+from specdef.core import set_module, specdef_modules
+from specdef.modules import output_weights, wrap
 
 FORMAT = "specdef-release"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+COMP_FILE = "specdef.safetensors"
+# what a SpecDef run record adds to the manifest (k requested, and which layers it did not get)
+RECORD_KEYS = ("k", "k_policy", "layers_clipped", "layers_skipped", "blocks_without_defended_layer")
+
+
+def _inner_shape(module: nn.Module) -> list[int]:
+    # (out, in) of a Linear or Conv1D, (E, out, in) of experts
+    weight, _ = output_weights(module)
+    return list(weight.shape[1:]) if weight.shape[0] == 1 else list(weight.shape)
 
 
 def layer_entries(model: nn.Module) -> list[dict]:
-    return [{"name": name, "inner_shape": list(m.inner.weight.shape), "bias": m.inner.bias is not None,
+    return [{"name": name, "inner_shape": _inner_shape(m.inner), "bias": output_weights(m.inner)[1] is not None,
              "comp_shape": list(m.comp.weight.shape), "alpha": m.alpha, "k": m.k, "method": m.method}
             for name, m in specdef_modules(model)]
 
 
-def save_defended(model: nn.Module, tokenizer, directory: str | Path) -> Path:
-    """Write the defended model, its tokenizer and the manifest into `directory` (created)."""
+def manifest_record(info: dict) -> dict:
+    """The part of a SpecDef run record (`SpecDef.info`) that the manifest keeps."""
+    return {key: info[key] for key in RECORD_KEYS if key in info}
+
+
+def save_defended(model: nn.Module, tokenizer, directory: str | Path, record: dict | None = None) -> Path:
+    """Write the defended model, its tokenizer and the manifest into `directory` (created).
+    `record`: extra manifest fields (`manifest_record(SpecDef.info)`: k policy, clipped and skipped layers)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    comps = {f"{name}.comp.weight" for name, _ in specdef_modules(model)}
+    state = model.state_dict()
     # transformers >= 5 always writes safetensors. save_original_format=False keeps the keys of
-    # model.state_dict(): the legacy renaming (e.g. GPT-NeoX lm_head -> embed_out) knows nothing of
-    # the SpecDef modules, and load_defended loads the file without transformers' key conversion.
-    model.save_pretrained(directory, save_original_format=False)
+    # model.state_dict(): the legacy renaming (e.g. GPT-NeoX lm_head -> embed_out, Mixtral's fused
+    # experts -> one tensor per expert) knows nothing of the SpecDef modules.
+    model.save_pretrained(directory, state_dict={k: v for k, v in state.items() if k not in comps},
+                          save_original_format=False)
+    if comps:
+        save_file({k: state[k].contiguous() for k in sorted(comps)}, str(directory / COMP_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_manifest(directory, {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype,
-                               "layers": layer_entries(model)})
+                               "layers": layer_entries(model), **(record or {})})
     return directory
 
 
@@ -54,53 +82,70 @@ def read_manifest(directory: Path) -> dict:
         raise ConfigError(f"release={str(directory)!r}: {problem}; allowed a folder written by "
                           "specdef.release.save_defended, unmodified")
     manifest = json.loads((directory / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"release={str(directory)!r}: manifest format {manifest.get('format')!r}; allowed {FORMAT!r}")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"release={str(directory)!r}: manifest format {manifest.get('format')!r} version "
+                          f"{manifest.get('format_version')!r}; allowed {FORMAT!r} version {FORMAT_VERSION} "
+                          "(re-run the defense to rewrite older releases)")
     return manifest
 
 
-def _specdef_module(entry: dict, dtype: torch.dtype) -> SpecDefLinear:
-    out_f, in_f = entry["inner_shape"]
-    inner = nn.Linear(in_f, out_f, bias=entry["bias"], dtype=dtype)
-    comp = nn.Linear(entry["comp_shape"][1], entry["comp_shape"][0], bias=False, dtype=dtype)
-    return SpecDefLinear(inner, comp, entry["alpha"], entry["k"], entry["method"])
+def _check_loading(directory: Path, info: dict, comps: set[str]) -> None:
+    unexpected = sorted(set(info.get("unexpected_keys", ())) - comps)
+    missing = sorted(info.get("missing_keys", ()))
+    problems = [f"{what} {keys[:3]}" for what, keys in (("weights without a place", unexpected),
+                                                       ("no saved weights for", missing)) if keys]
+    if problems:
+        raise ConfigError(f"release={str(directory)!r}: {'; '.join(problems)}; allowed a complete release whose "
+                          "manifest lists every SpecDef layer")
 
 
-def _load_weights(model: nn.Module, directory: Path) -> None:
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ConfigError(f"release={str(directory)!r}: weights {unexpected[:3]} have no place in the rebuilt "
-                          "model; allowed a manifest listing every SpecDef layer")
-    model.tie_weights()  # tied parameters (e.g. lm_head = embeddings) are saved once
-    loaded = {model.get_parameter(k).data_ptr() for k in state if k in dict(model.named_parameters())}
-    untied = [k for k in missing if k in dict(model.named_parameters()) and
-              model.get_parameter(k).data_ptr() not in loaded]
-    if untied:
-        raise ConfigError(f"release={str(directory)!r}: no saved weights for {untied[:3]}; allowed a complete release")
+def _insert(model: nn.Module, entry: dict, comp_weight: torch.Tensor, directory: Path) -> None:
+    inner = model.get_submodule(entry["name"])
+    weight, _ = output_weights(inner)
+    shape = _inner_shape(inner)
+    if shape != entry["inner_shape"] or list(comp_weight.shape) != entry["comp_shape"]:
+        raise ConfigError(f"release={str(directory)!r}: layer {entry['name']} has shape {shape} and compensation "
+                          f"{list(comp_weight.shape)}; the manifest says {entry['inner_shape']} and "
+                          f"{entry['comp_shape']}")
+    comp = nn.Linear(comp_weight.shape[1], comp_weight.shape[0], bias=False, device="meta")
+    comp.weight = nn.Parameter(comp_weight.to(weight.device), requires_grad=weight.requires_grad)
+    set_module(model, entry["name"], wrap(inner, comp, entry["alpha"], entry["k"], entry["method"]))
 
 
-def _skip_random_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialise, only slower
-        return contextlib.nullcontext()
-    return no_init_weights()
+@torch.no_grad()
+def _own_aligned_memory(model: nn.Module) -> None:
+    """Copy tensors that sit at an unaligned offset of the memory-mapped file into their own memory.
+
+    Safetensors places tensors back to back after a header of any length, so their alignment
+    depends on the key names; CPU matmul kernels round differently on unaligned operands (measured:
+    a float64 PhiMoE release differed by 1.6e-14 in the logits), so a release would not be bit-exact.
+    """
+    for module in model.modules():
+        for tensor in [*module._parameters.values(), *module._buffers.values()]:
+            if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
-def load_defended(directory: str | Path):
-    """(model, tokenizer) of a release written by `save_defended`; logits equal the saved model's."""
+def load_defended(directory: str | Path, **from_pretrained_kwargs):
+    """(model, tokenizer) of a release written by `save_defended`; logits equal the saved model's.
+
+    Extra keyword arguments go to `from_pretrained` (e.g. attn_implementation, experts_implementation,
+    device_map); weights load from safetensors only and remote code stays off.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    dtype = DTYPES[manifest["dtype"]]
-    config = AutoConfig.from_pretrained(directory)
-    with _skip_random_init():  # every weight is overwritten below; at 8B random init costs minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for entry in manifest["layers"]:
-        set_module(model, entry["name"], _specdef_module(entry, dtype))
-    _load_weights(model, directory)
+    names = [entry["name"] for entry in manifest["layers"]]
+    comps = {f"{name}.comp.weight" for name in names}
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=DTYPES[manifest["dtype"]], use_safetensors=True, trust_remote_code=False,
+        key_mapping={rf"^{re.escape(name)}\.inner\.": f"{name}." for name in names},
+        output_loading_info=True, **from_pretrained_kwargs)
+    _check_loading(directory, info, comps)
+    _own_aligned_memory(model)
+    if names:
+        with safe_open(str(directory / COMP_FILE), framework="pt") as f:
+            for entry in manifest["layers"]:
+                _insert(model, entry, f.get_tensor(f"{entry['name']}.comp.weight"), directory)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
     return model, tokenizer

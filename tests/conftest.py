@@ -7,7 +7,12 @@ another tiny model to check that no test is fitted to one model (see results/tin
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+
+# One pretraining thread per core: the session scores on one core while the other pretrains the next
+# tiny model (below). Pinned pretraining gives the same bits with any thread count (harness/tiny.py).
+os.environ.setdefault("SPECDEF_PRETRAIN_THREADS", "1")
 
 import pytest
 import torch
@@ -67,6 +72,39 @@ def evaluator(base_cfg, data, tiny_path):
     from harness.evaluate import build_evaluator
     _, tokenizer = from_pretrained(tiny_path)
     return build_evaluator(base_cfg.eval, tokenizer, data)
+
+
+def naive_cfg():
+    """The tiny model pretrained without hazard split 1 (relearning a never-seen split)."""
+    return compose_cfg("model.spec.exclude_splits=[1]")
+
+
+@pytest.fixture(scope="session")
+def naive_model_path(data) -> Path:
+    cfg = naive_cfg()
+    return tiny.ensure_tiny(synthetic.WorldConfig(**cfg.data.world), tiny_spec(cfg.model), data.root,
+                            CACHE_DIR, progress=False)
+
+
+# Session fixtures that pretrain a tiny model other than the default, and what each needs.
+EXTRA_MODELS = ("naive_model_path", "byline_tiny_path")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start pretraining the other tiny models the selected tests need, one after the other, on the
+    core the tests leave free; a fixture that needs one before it is ready waits on its cache lock."""
+    needed = [name for name in EXTRA_MODELS if any(name in getattr(item, "fixturenames", ()) for item in items)]
+    if needed and not config.option.collectonly:
+        threading.Thread(target=_pretrain_models, args=(needed,), name="pretrain-tiny", daemon=True).start()
+
+
+def _pretrain_models(names) -> None:
+    base = compose_cfg()
+    for name in names:
+        cfg = naive_cfg() if name == "naive_model_path" else compose_cfg("data.world.bylines=true")
+        world = synthetic.WorldConfig(**cfg.data.world)
+        data = synthetic_data(world, CACHE_DIR, base.data.max_length)
+        tiny.ensure_tiny(world, tiny_spec(cfg.model), data.root, CACHE_DIR, progress=False)
 
 
 @pytest.fixture(scope="session")

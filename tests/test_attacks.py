@@ -214,13 +214,6 @@ def test_two_job_multirun_writes_a_record_per_job(tmp_path):
 RECOVERY_LR = {"sgd": "1e-3", "adam": "3e-4", "sophia": "1e-2", "muon": "1e-3", "adahessian": "4e-2"}
 
 
-@pytest.fixture(scope="session")
-def naive_model_path(data):
-    cfg = compose_cfg("model.spec.exclude_splits=[1]")
-    return tiny.ensure_tiny(synthetic.WorldConfig(**cfg.data.world), tiny_spec(cfg.model), data.root,
-                            CACHE_DIR, progress=False)
-
-
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_relearning_a_never_seen_split_reaches_080(name, naive_model_path, data, evaluator):
     model, tokenizer = from_pretrained(naive_model_path)

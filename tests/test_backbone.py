@@ -146,7 +146,7 @@ def test_pinned_pretraining_gives_the_reference_weights(tiny_path):
         pytest.skip(f"the reference was recorded with torch {REFERENCE_WEIGHTS['torch']} and transformers "
                     f"{REFERENCE_WEIGHTS['transformers']} (constraints.txt); here {torch.__version__} / "
                     f"{transformers.__version__}")
-    assert manifest["cpu_capability"] == "DEFAULT" and manifest["threads"] == tiny.PRETRAIN_THREADS
+    assert manifest["cpu_capability"] == "DEFAULT"
     assert tiny.weights_digest(tiny_path) == manifest["weights_sha256"] == REFERENCE_WEIGHTS["sha256"]
 
 

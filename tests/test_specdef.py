@@ -62,7 +62,8 @@ def test_parameter_count_grows_by_one_square_matrix_per_layer(tiny_model):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": ["model.layers.*.mlp.nothing"]},
-     r"defense.layers='model.layers.\*.mlp.nothing': matches no nn.Linear; allowed .*lm_head"),
+     r"defense.layers='model.layers.\*.mlp.nothing': matches no nn.Linear, Conv1D or MoE experts module; "
+     r"allowed .*lm_head"),
     ({"k": 129}, r"defense.k=129: allowed an integer in 1..128 .*model.layers.0.mlp.down_proj"),
     ({"k": 0}, r"defense.k=0: allowed an integer in 1..128"),
     ({"alpha": 0.0}, r"defense.alpha=0.0: allowed a finite number > 0"),
