@@ -60,7 +60,7 @@ class Shape:
     intermediate: int
     heads: int
     vocab: int
-    linears: tuple          # (module name, in_features, out_features) of every nn.Linear, for SpecDef and LoRA
+    linears: tuple          # (module name, in_features, out_features) of every nn.Linear and Conv1D, for LoRA
     dtype_bytes: int
     meta_model: torch.nn.Module = dataclasses.field(compare=False, repr=False)  # on the meta device: no memory
 
@@ -169,8 +169,10 @@ def _shape(config, dtype_bytes: int) -> Shape:
     blocks = decoder_blocks(model)
     block_counts = [sum(p.numel() for p in b.parameters()) for b in blocks]
     params = sum(p.numel() for p in model.parameters())
+    from transformers.pytorch_utils import Conv1D
     linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear))
+    linears += tuple((n, *m.weight.shape) for n, m in model.named_modules() if isinstance(m, Conv1D))
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -181,14 +183,16 @@ def _shape(config, dtype_bytes: int) -> Shape:
                  vocab=config.vocab_size, linears=linears, dtype_bytes=dtype_bytes, meta_model=model)
 
 
-def specdef_layers(shape: Shape, defense) -> list[tuple]:
-    """(name, in, out) of the Linears SpecDef defends (its layer patterns, or the MLP output projections)."""
+def specdef_widths(shape: Shape, defense) -> list[int]:
+    """Output width of every layer SpecDef defends (its layer patterns, or each family's defaults): Linear,
+    Conv1D and MoE experts modules alike, each getting one out x out compensation."""
     if not str(defense.get("_target_", "")).startswith("specdef."):
         return []
     from specdef.core import match_layers
+    from specdef.modules import output_weights
     layers = defense.get("layers")
-    names = set(match_layers(shape.meta_model, None if layers is None else list(layers)))
-    return [lin for lin in shape.linears if lin[0] in names]
+    names = match_layers(shape.meta_model, None if layers is None else list(layers))
+    return [output_weights(shape.meta_model.get_submodule(n))[0].shape[1] for n in names]
 
 
 def lora_params(shape: Shape, targets, r: int, layers=None) -> int:
@@ -343,7 +347,7 @@ def plan(cfg, ranks: int | None = None, device_memory: float | None = None, devi
     label = device_label or _device_label(cfg)
     if device_memory is None:
         device_memory = _device_memory(cfg, label)
-    specdef_params = sum(out * out for _, _, out in specdef_layers(shape, cfg.defense))
+    specdef_params = sum(out * out for out in specdef_widths(shape, cfg.defense))
 
     def stages(w: int, fsdp: bool) -> list[Stage]:
         c = Costs(shape, w, fsdp, fsdp and bool(cfg.dist.get("activation_checkpointing", False)),

@@ -19,7 +19,7 @@ from harness.errors import ConfigError
 from harness.record import read_record
 from harness.validate import validate
 from tests import dist_worker
-from tests.conftest import compose_cfg
+from tests.conftest import TEST_OVERRIDES, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
@@ -34,30 +34,77 @@ def _relative(a, b) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
-def test_two_ranks_train_like_one_process(tiny_path, tmp_path):
-    """Adam, LoRA and NPO (a reference model) on the tiny model with SpecDef in every block: the 2-rank
-    run's losses and final weights equal the 1-process run's, and so do its evaluation's metrics."""
-    sharded = tmp_path / "sharded"
-    out = subprocess.run([*TORCHRUN, "-m", "tests.dist_worker", str(sharded), "dist=fsdp"], cwd=REPO,
-                         capture_output=True, text=True, env=_env(tmp_path), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    whole = tmp_path / "whole"
+@pytest.fixture(scope="module")
+def launch(tiny_path, tmp_path_factory):
+    """One 2-rank torchrun launch of tests/dist_worker.py (every scenario, then a whole sharded run),
+    while this process runs the same scenarios in one process."""
+    tmp = tmp_path_factory.mktemp("launch")
+    sharded, whole = tmp / "sharded", tmp / "whole"
     whole.mkdir()
-    one = dist_worker.scenarios(whole)
-    two = json.loads((sharded / "results.json").read_text())
-    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-6)
-    for name in ("adam", "lora", "npo"):
-        assert len(two[name]) == len(one[name]) == 3
-        assert _relative(two[name], one[name]) < 1e-5, name
-        w1, w2 = load_file(whole / f"{name}.safetensors"), load_file(sharded / f"{name}.safetensors")
-        assert w1.keys() == w2.keys() and w1
-        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5, name
-    assert any("comp" in k for k in load_file(sharded / "adam.safetensors"))  # SpecDef's layers trained too
+    with open(tmp / "log.txt", "w") as log:
+        proc = subprocess.Popen([*TORCHRUN, "-m", "tests.dist_worker", str(sharded), "dist=fsdp"], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, env=_env(tmp))
+        try:
+            one = dist_worker.scenarios(whole)
+        finally:
+            proc.wait(timeout=600)
+    assert proc.returncode == 0, (tmp / "log.txt").read_text()[-3000:]
+    return {"one": one, "whole": whole, "two": json.loads((sharded / "results.json").read_text()),
+            "sharded": sharded, "record": read_record(sharded / "run" / "result.json")}
 
 
-def _run(tmp_path: Path, *overrides: str) -> list[str]:
-    return [*TORCHRUN, "run.py", "dist=fsdp", "attack.steps=12", "attack.eval_every=3", "attack.checkpoint_every=3",
-            "eval.limit=20", *overrides]
+def _weights(launch, name: str, one_process_name: str | None = None):
+    w1 = load_file(launch["whole"] / f"{one_process_name or name}.safetensors")
+    w2 = load_file(launch["sharded"] / f"{name}.safetensors")
+    assert w1.keys() == w2.keys() and w1
+    return w1, w2
+
+
+@pytest.mark.parametrize("name, one_process", [("adam", "adam"), ("lora", "lora"), ("npo", "npo"),
+                                               ("gpt2", "gpt2"), ("mixtral", "mixtral"),
+                                               ("adam_checkpointed", "adam")])
+def test_two_ranks_train_like_one_process(launch, name, one_process):
+    """Adam, LoRA and NPO (a reference model) on the tiny model with SpecDef in every block, Adam on tiny
+    GPT-2 (SpecDef on Conv1D) and Mixtral (SpecDef on MoE experts), and Adam with activation
+    checkpointing: the 2-rank run's losses and final weights equal the 1-process run's within 1e-5."""
+    one, two = launch["one"][one_process], launch["two"][name]
+    assert len(two) == len(one) == 3
+    assert _relative(two, one) < 1e-5
+    w1, w2 = _weights(launch, name, one_process)
+    assert any("comp" in k for k in w1) or name == "lora"  # SpecDef's compensations trained too
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["rmu", "repnoise", "elm", "tar"])
+def test_every_training_based_defense_trains_sharded_like_one_process(launch, tiny_path, name):
+    """RMU (a frozen copy), RepNoise (a loss coupling the rows of a batch), ELM (LoRA, text sampled once)
+    and TAR (an inner adversary and its meta-gradient): the losses of every training step within 1e-5
+    of the trajectory's scale, and the weights within 1e-3 of how far they moved. (AdamW's normalised
+    step turns rounding in a near-zero gradient into a full step for that weight, so single weights may
+    differ by a fraction of their movement.)"""
+    one, two = launch["one"][name], launch["two"][name]
+    assert len(two) == len(one) > 0
+    scale = max(abs(x) for x in one)
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5 * scale
+    w1, w2 = _weights(launch, name)
+    w0 = load_file(tiny_path / "model.safetensors")
+    diff = sum(float((w1[k].double() - w2[k].double()).norm() ** 2) for k in w1) ** 0.5
+    moved = sum(float((w1[k].double() - w0[k].double()).norm() ** 2) for k in w0) ** 0.5
+    assert moved > 0 and diff < 1e-3 * moved
+
+
+def test_sharded_evaluation_gives_the_metrics_of_one_process(launch):
+    assert launch["two"]["metrics"] == pytest.approx(launch["one"]["metrics"], rel=1e-6)
+
+
+def test_sharded_run_writes_one_record(launch):
+    record = launch["record"]
+    assert record["provenance"]["world_size"] == 2 and record["config"]["dist"]["name"] == "fsdp"
+    assert [p["step"] for p in record["attack"]["trajectory"]] == [0, 3, 6, 9, 12]
+
+
+def _run_args(*overrides: str) -> list[str]:
+    return [*TORCHRUN, "run.py", *TEST_OVERRIDES, *dist_worker.RUN, *overrides]  # as compose_cfg composes
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -73,37 +120,26 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_path, tmp_path_factory):
-    """A 2-rank run to the end, with the run folder left to Hydra (`${now:...}`, resolved by every rank)."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    out = subprocess.run(_run(tmp), cwd=REPO, capture_output=True, text=True, env=_env(tmp), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    folders = list((tmp / "outputs" / "runs").iterdir())
-    assert len(folders) == 1  # both ranks wrote into one folder: rank 0's
-    return read_record(folders[0] / "result.json")
-
-
-def test_sharded_run_writes_one_record(uninterrupted):
-    assert uninterrupted["provenance"]["world_size"] == 2
-    assert uninterrupted["attack"]["steps"] == 12 and uninterrupted["config"]["dist"]["name"] == "fsdp"
-    assert [p["step"] for p in uninterrupted["attack"]["trajectory"]] == [0, 3, 6, 9, 12]
-
-
-def test_a_killed_rank_leaves_no_record_and_the_run_resumes(uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
-    args = _run(tmp_path, f"hydra.run.dir={run_dir}")
-    proc = subprocess.Popen(args, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("attack_checkpoint/*/meta.json")):
+def test_a_killed_rank_leaves_no_record_and_the_run_resumes(launch, tmp_path):
+    """torchrun run.py with Hydra's own run folder (`${now:...}`, which every rank must agree on); rank 1
+    killed (SIGKILL) once the attack saved a sharded checkpoint; the same run folder relaunched (what a
+    requeue does) resumes and ends with the uninterrupted run's record."""
+    env = _env(tmp_path)
+    proc = subprocess.Popen(_run_args(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs, deadline = tmp_path / "outputs" / "runs", time.time() + 300
+    while time.time() < deadline and not list(runs.glob("*/attack_checkpoint/*/meta.json")):
         time.sleep(0.1)  # kill once the attack has saved a sharded checkpoint, i.e. mid-attack
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     assert proc.wait(timeout=120) != 0  # torchrun ends the other rank and fails
+    folders = list(runs.iterdir())
+    assert len(folders) == 1  # both ranks used rank 0's run folder
+    run_dir = folders[0]
     assert list(run_dir.glob("attack_checkpoint/*/sharded/.metadata"))
     assert read_record(run_dir / "result.json") is None and not (tmp_path / "outputs" / "records").exists()
-    done = subprocess.run(args, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_run_args(f"hydra.run.dir={run_dir}"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = read_record(run_dir / "result.json")
+    resumed, uninterrupted = read_record(run_dir / "result.json"), launch["record"]
     assert resumed["attack"]["extra"]["resumed_from_step"] >= 3
     assert resumed["attack"]["trajectory"] == uninterrupted["attack"]["trajectory"]
     assert resumed["metrics"] == uninterrupted["metrics"]
