@@ -4,7 +4,7 @@
 `torchrun --nproc-per-node=2 -m tests.dist_worker OUT dist=fsdp` (one launch for every check: starting
 the ranks costs more than the checks). Scenarios:
 - the pretrained tiny model with SpecDef in every block: evaluated, fine-tuned with Adam (sharded also
-  with activation checkpointing) and with LoRA, unlearned with NPO (a reference model);
+  with activation checkpointing), with LoRA and with Muon, unlearned with NPO (a reference model);
 - the other training-based defenses (RMU, RepNoise, ELM, TAR) on the plain tiny model, as the pipeline
   runs them before SpecDef;
 - tiny random GPT-2 and Mixtral models with SpecDef's default layers (a Conv1D; an MoE experts module
@@ -145,7 +145,8 @@ def scenarios(out: Path, *overrides: str) -> dict:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"{name}.safetensors"))
 
     attacks = {"adam": compose_cfg(*ATTACK, "attack=adam", *overrides),
-               "lora": compose_cfg(*ATTACK, "attack=adam", "attack/peft=lora", LORA_TARGETS, *overrides)}
+               "lora": compose_cfg(*ATTACK, "attack=adam", "attack/peft=lora", LORA_TARGETS, *overrides),
+               "muon": compose_cfg(*ATTACK, "attack=muon", *overrides)}
     for name, cfg in attacks.items():
         keep(name, *attack(cfg, tiny_path, data))
     for name, defense_overrides in DEFENSES.items():

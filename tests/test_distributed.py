@@ -75,6 +75,25 @@ def test_two_ranks_train_like_one_process(launch, name, one_process):
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
 
 
+def test_muon_trains_sharded_like_one_process(launch, tiny_path):
+    """Muon (scale=paper's third attack) on sharded matrices: torch's Muon orthogonalises each update in
+    bfloat16, so rounding differences of the gradient become bfloat16 rounding of the update; the
+    losses agree within 1e-4 and the weights within a tenth of their movement."""
+    one, two = launch["one"]["muon"], launch["two"]["muon"]
+    assert len(two) == len(one) == 3 and _relative(two, one) < 1e-4
+    assert _distance(*_weights(launch, "muon"), load_file(tiny_path / "model.safetensors")) < 0.1
+
+
+def _distance(w1: dict, w2: dict, w0: dict) -> float:
+    """|w1 - w2| over how far w1 moved from w0 (Frobenius norms over the weights both have: SpecDef's
+    layers are not in the pretrained model)."""
+    common = [k for k in w1 if k in w0]
+    diff = sum(float((w1[k].double() - w2[k].double()).norm() ** 2) for k in common) ** 0.5
+    moved = sum(float((w1[k].double() - w0[k].double()).norm() ** 2) for k in common) ** 0.5
+    assert moved > 0
+    return diff / moved
+
+
 @pytest.mark.parametrize("name", ["rmu", "repnoise", "elm", "tar"])
 def test_every_training_based_defense_trains_sharded_like_one_process(launch, tiny_path, name):
     """RMU (a frozen copy), RepNoise (a loss coupling the rows of a batch), ELM (LoRA, text sampled once)
@@ -86,11 +105,7 @@ def test_every_training_based_defense_trains_sharded_like_one_process(launch, ti
     assert len(two) == len(one) > 0
     scale = max(abs(x) for x in one)
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5 * scale
-    w1, w2 = _weights(launch, name)
-    w0 = load_file(tiny_path / "model.safetensors")
-    diff = sum(float((w1[k].double() - w2[k].double()).norm() ** 2) for k in w1) ** 0.5
-    moved = sum(float((w1[k].double() - w0[k].double()).norm() ** 2) for k in w0) ** 0.5
-    assert moved > 0 and diff < 1e-3 * moved
+    assert _distance(*_weights(launch, name), load_file(tiny_path / "model.safetensors")) < 1e-3
 
 
 def test_sharded_evaluation_gives_the_metrics_of_one_process(launch):
@@ -196,7 +211,7 @@ def test_memory_plan_matches_measured_memory_of_the_tiny_model(tiny_path, base_c
     at the measured batch shape (the plan's default is the longest batch data.max_length allows)."""
     rows, seq = 64, base_cfg.data.max_length
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "tests.memory_probe", str(tiny_path), str(rows), str(seq)],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", str(tiny_path), str(rows), str(seq)],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     measured = json.loads(out.stdout.splitlines()[-1])

@@ -1,6 +1,6 @@
-"""Measured memory of training the tiny model (tests/test_distributed.py checks the memory plan against it).
+"""Measured memory of training the tiny model (tests/test_distributed.py and `python -m benchmarks.memory_plan --tiny` check the memory plan against it).
 
-`python -m tests.memory_probe TINY_PATH BATCH SEQ` prints, as JSON, the growth of this process's resident
+`python -m benchmarks.memory_probe TINY_PATH BATCH SEQ` prints, as JSON, the growth of this process's resident
 memory from just before the model is loaded to its peak over two Adam steps on BATCH sequences of SEQ
 tokens. Run it with MALLOC_MMAP_THRESHOLD_ fixed (see the test): glibc then maps every tensor of 64 KiB
 or more on its own and unmaps it when freed, so resident memory follows the live tensors. A warm-up on
