@@ -154,14 +154,14 @@ def hf_config(cfg_model, cfg_data):
 def model_shape(cfg_model, cfg_data) -> Shape:
     key = repr((OmegaConf.to_container(cfg_model, resolve=True), OmegaConf.to_container(cfg_data, resolve=True)))
     if key not in _shapes:  # a sweep plans the same model for every job
-        _shapes[key] = _shape(hf_config(cfg_model, cfg_data), DTYPE_BYTES[cfg_model.dtype])
+        _shapes[key] = shape_from_config(hf_config(cfg_model, cfg_data), DTYPE_BYTES[cfg_model.dtype])
     return _shapes[key]
 
 
 _shapes: dict[str, Shape] = {}
 
 
-def _shape(config, dtype_bytes: int) -> Shape:
+def shape_from_config(config, dtype_bytes: int) -> Shape:
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
