@@ -118,6 +118,11 @@ def forget_retain_batches(tokenizer, forget: Sequence[str], retain: Sequence[str
                         "retain": batch_iterator(tokenizer, retain, batch_size, max_length, seed + 1)}, device)
 
 
+# Which of `Data`'s benign corpora a defense holds its model to: the domain's benign text
+# (WMDP's bio-retain corpus) or general text (Wikitext).
+RETAIN_CORPORA = ("retain", "unrelated")
+
+
 def forget_texts(data, splits: Sequence[int]) -> list[str]:
     n = len(data.forget)
     bad = [s for s in splits if s not in data.forget]
@@ -127,7 +132,8 @@ def forget_texts(data, splits: Sequence[int]) -> list[str]:
     return data.forget_texts(list(splits))
 
 
-def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with torch's default weight decay, which the originals of ELM, RepNoise, NPO and RMU use."""
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
 
 

@@ -81,11 +81,11 @@ def with_prefix(batch: dict, prefix: list[int]) -> dict:
 
 
 def logprobs(model, batch: dict, skip: int = 0, temperature: float = 1.0) -> torch.Tensor:
-    """Next-token log-probabilities (B, T, V) at the original positions of a possibly prefixed batch."""
+    """Next-token log-probabilities (B, T, V) at the original positions of a batch prefixed with `skip`
+    tokens after BOS (`with_prefix`). The prediction of the first text token is made from the last
+    prefix token, so position t of the original reads position t + skip of the prefixed batch."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    if skip:
-        logits = torch.cat([logits[:, :1], logits[:, 1 + skip:]], dim=1)
-    return F.log_softmax(logits / temperature, dim=-1)
+    return F.log_softmax(logits[:, skip:] / temperature, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

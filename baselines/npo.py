@@ -13,6 +13,9 @@ sequence's gradient is weighted by σ(β·log(π_θ/π_ref)), which vanishes onc
 property that keeps NPO from collapsing the way gradient ascent does.
 
     L = npo_coeff · L_NPO + retain_coeff · NLL_θ(retain)
+
+Schedule as the original's HF Trainer runs it: linear warm-up over one epoch of the forget set,
+then linear decay to 0, gradient norm clipped at 1.0.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ import logging
 import time
 from typing import Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from baselines.common import (TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy,
                               mean_nll, run_info, sequence_nll)
 from harness import distributed
-from harness.train import train_loop
+from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +45,20 @@ class NPO:
     name = "npo"
 
     def __init__(self, beta: float, npo_coeff: float, retain_coeff: float, lr: float, weight_decay: float,
-                 steps: int, batch_size: int, grad_accum: int = 1, forget_splits: Sequence[int] = (0, 1),
-                 seed: int = 0):
+                 steps: int, batch_size: int, grad_accum: int = 1, warmup_epochs: float = 1.0,
+                 max_grad_norm: float | None = 1.0, forget_splits: Sequence[int] = (0, 1), seed: int = 0):
         self.beta, self.npo_coeff, self.retain_coeff = beta, npo_coeff, retain_coeff
         self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_epochs, self.max_grad_norm = warmup_epochs, max_grad_norm
         self.steps, self.batch_size, self.grad_accum = steps, batch_size, grad_accum
         self.forget_splits = list(forget_splits)
         self.seed = seed
         self.info: dict = {}
+
+    def warmup_steps(self, n_forget: int) -> int:
+        """Optimizer steps in `warmup_epochs` passes over `n_forget` texts, capped at the run's length."""
+        per_epoch = math.ceil(n_forget / (self.batch_size * self.grad_accum))
+        return min(self.steps, round(self.warmup_epochs * per_epoch))
 
     def loss(self, model, ref, terms: TermLog, batch: dict) -> torch.Tensor:
         f, r = batch["forget"], batch["retain"]
@@ -64,14 +75,17 @@ class NPO:
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
         ref = frozen_copy(model)
-        batches = forget_retain_batches(tokenizer, forget_texts(data, self.forget_splits), data.retain,
-                                        self.batch_size, data.max_length, self.seed, model.device)
+        forget = forget_texts(data, self.forget_splits)
+        batches = forget_retain_batches(tokenizer, forget, data.retain, self.batch_size, data.max_length,
+                                        self.seed, model.device)
+        warmup = self.warmup_steps(len(forget))
         terms = TermLog()
         with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end
-            params = [p for p in trained.parameters() if p.requires_grad]
-            result = train_loop(trained, batches, lambda m, b: self.loss(m, ref, terms, b),
-                                [adamw(params, self.lr, self.weight_decay)], steps=self.steps,
-                                grad_accum=self.grad_accum, desc="defense npo")
-        self.info = run_info(t0, {"train": result}, terms)
+            opt = adamw([p for p in trained.parameters() if p.requires_grad], self.lr, self.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", warmup, self.steps))
+            result = train_loop(trained, batches, lambda m, b: self.loss(m, ref, terms, b), [opt],
+                                schedulers=[sched], steps=self.steps, grad_accum=self.grad_accum,
+                                max_grad_norm=self.max_grad_norm, desc="defense npo")
+        self.info = run_info(t0, {"train": result}, terms, warmup_steps=warmup)
         log.info("npo: %s", self.info)
         return model

@@ -7,6 +7,8 @@ c·u; on retain text it is held to a frozen copy's. Only the MLP down projection
     L = mean_t ||h_θ(x_f)_t − c·u||² / d  +  α · mean_t ||h_θ(x_r)_t − h_frozen(x_r)_t||² / d
 
 (F.mse_loss averages over tokens and hidden units, as the original does; padding is left out).
+The retain text is general text, as in the original (Wikitext): `data.unrelated`, which is
+Wikitext under data=wmdp_bio and the synthetic world's unrelated corpus by default.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from typing import Sequence
 
 import torch
 
-from baselines.common import (TermLog, adamw, capture_outputs, check_layer_ids, decoder_layers,
+from baselines.common import (RETAIN_CORPORA, TermLog, adamw, capture_outputs, check_layer_ids, decoder_layers,
                               forget_retain_batches, forget_texts, frozen_copy, only_train, run_info)
 from harness import distributed
+from harness.errors import ConfigError
 from harness.train import train_loop
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,11 @@ class RMU:
     name = "rmu"
 
     def __init__(self, layer_id: int, param_layers: Sequence[int], steering_coef: float, alpha: float,
-                 lr: float, steps: int, batch_size: int, forget_splits: Sequence[int] = (0, 1),
-                 seed: int = 0):
+                 lr: float, steps: int, batch_size: int, retain_corpus: str = "unrelated",
+                 forget_splits: Sequence[int] = (0, 1), seed: int = 0):
+        if retain_corpus not in RETAIN_CORPORA:
+            raise ConfigError(f"defense.retain_corpus={retain_corpus!r}: allowed {', '.join(RETAIN_CORPORA)}")
+        self.retain_corpus = retain_corpus
         self.layer_id = layer_id
         self.param_layers = list(param_layers)
         self.steering_coef, self.alpha = steering_coef, alpha
@@ -78,7 +84,8 @@ class RMU:
         gen = torch.Generator().manual_seed(self.seed)
         control = control_vector(model.config.hidden_size, self.steering_coef, gen)
         frozen = frozen_copy(model)
-        batches = forget_retain_batches(tokenizer, forget_texts(data, self.forget_splits), data.retain,
+        retain = getattr(data, self.retain_corpus)
+        batches = forget_retain_batches(tokenizer, forget_texts(data, self.forget_splits), retain,
                                         self.batch_size, data.max_length, self.seed, model.device)
         terms = TermLog()
         with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end

@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 
+from filelock import FileLock
+
 from harness import synthetic
 from harness.errors import ConfigError
 
@@ -61,8 +63,10 @@ def _jsonl_texts(path: Path) -> list[str]:
 
 def synthetic_data(world: synthetic.WorldConfig, cache_dir: Path, max_length: int) -> Data:
     root = Path(cache_dir) / "synthetic" / world.key()
-    if not (root / "world.json").is_file():
-        synthetic.write_world(world, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # parallel jobs (and the tests' pretraining thread) write it once
+        if not (root / "world.json").is_file():
+            synthetic.write_world(world, root)
     tasks_dir = root / "tasks"
     tasks_dir.mkdir(exist_ok=True)
     hazard = {s: f"synthetic_hazard_split{s}" for s in range(world.n_splits)}

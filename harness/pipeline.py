@@ -56,7 +56,8 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     # rank 0 decides for all: a parallel job may complete the folder between two ranks' looks
     if distributed.broadcast(info_path.is_file() and verify_manifest(folder) is None):
         log.info("defended model loaded from the cache %s", folder)
-        cached, _ = load_defended(folder)
+        # the attention kernel the run chose (eager where a second-order attack needs double backward)
+        cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
         defense.info = {**json.loads(info_path.read_text()), "cached_from": str(folder)}
         return cached.to(next(model.parameters()).device)
     model = defense(model, tokenizer, data)

@@ -20,6 +20,7 @@ import argparse
 import atexit
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -55,8 +56,6 @@ PRETRAIN_THREADS = int(os.environ.get("SPECDEF_PRETRAIN_THREADS", "2"))
 PINNED_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "MKL_DYNAMIC": "FALSE"}
 # Variables that would override or fight the pinned ones in the child.
 UNPINNED_VARS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
-# The code that turns a spec into weights; its source is part of the cache key.
-RECIPE_MODULES = ("harness/tiny.py", "harness/train.py", "harness/batches.py", "harness/synthetic.py")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -104,9 +103,15 @@ def pinned_numerics_available() -> bool:
 
 
 def recipe_digest() -> str:
+    """sha256 of the source of the code that turns a spec into weights: an edit to it is a new model,
+    an edit elsewhere (the cache plumbing, the other users of the training loop's module) is not."""
+    from harness import batches, train
+    recipe = (SPECIALS, TinySpec, build_tokenizer, pretrain, pretraining_texts, _read_rows, _read_texts,
+              train.train_loop, train._zero, train.lr_lambda, train.lm_loss, batches.encode,
+              batches._with_specials, batches.batch_iterator, synthetic)
     h = hashlib.sha256()
-    for rel in RECIPE_MODULES:
-        h.update((REPO / rel).read_bytes())
+    for part in recipe:
+        h.update((repr(part) if isinstance(part, list) else inspect.getsource(part)).encode())
     return h.hexdigest()[:12]
 
 
@@ -206,10 +211,10 @@ def _read_texts(data_dir: Path, name: str) -> list[str]:
 
 
 def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, cache_dir: Path,
-                progress: bool = True) -> Path:
-    """Path of the cached pretrained model, training it first if the cache is missing or corrupt.
-    Processes that need the same model at once (the jobs of a parallel sweep) train it once: the
-    others wait on a file lock."""
+                progress: bool = True, threads: int | None = None) -> Path:
+    """Path of the cached pretrained model, training it first (with `threads`, default
+    PRETRAIN_THREADS) if the cache is missing or corrupt. Processes that need the same model at once
+    (the jobs of a parallel sweep) train it once: the others wait on a file lock."""
     if spec.numerics not in NUMERICS:
         raise ConfigError(f"model.spec.numerics={spec.numerics!r}: allowed {', '.join(NUMERICS)}")
     folder = Path(cache_dir) / "tiny" / cache_key(world, spec)
@@ -221,11 +226,12 @@ def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, ca
                 return folder
             log.warning("cached tiny model at %s is corrupt (%s); rebuilding", folder, problem)
             shutil.rmtree(folder)
-        _build(world, spec, Path(data_dir), folder, progress)
+        _build(world, spec, Path(data_dir), folder, progress, threads or PRETRAIN_THREADS)
     return folder
 
 
-def _build(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, folder: Path, progress: bool) -> None:
+def _build(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, folder: Path, progress: bool,
+           threads: int) -> None:
     pinned = spec.numerics == "pinned" and pinned_numerics_available()
     if spec.numerics == "pinned" and not pinned:
         log.warning("model.spec.numerics=pinned needs an x86-64 CPU and torch with MKL (here: %s); pretraining "
@@ -235,7 +241,7 @@ def _build(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, folder:
              folder)
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
     t0 = time.perf_counter()
-    report = _pretrain_in_subprocess(world, spec, data_dir, tmp, pinned, progress)
+    report = _pretrain_in_subprocess(world, spec, data_dir, tmp, pinned, progress, threads)
     write_manifest(tmp, {"world": dataclasses.asdict(world), "spec": dataclasses.asdict(spec),
                          "numerics_id": numerics_id(spec.numerics), "weights_sha256": weights_digest(tmp),
                          "pretrain_seconds": round(time.perf_counter() - t0, 1), **report})

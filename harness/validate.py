@@ -98,6 +98,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("dist.activation_checkpointing", lambda x: isinstance(x, bool), "true or false"),
     ("dist.cpu_offload", lambda x: isinstance(x, bool), "true or false"),
     ("dist.reshard_after_forward", lambda x: isinstance(x, bool), "true or false"),
+    ("defense.retain_corpus", one_of("retain", "unrelated"), "retain or unrelated"),
+    ("defense.warmup_epochs", lambda x: _number(x) and x >= 0, "a number >= 0"),
 ]
 
 

@@ -209,9 +209,10 @@ def test_two_job_multirun_writes_a_record_per_job(tmp_path):
 # ---- "Done when": relearning a split the model never saw, one lr per optimizer -------------------
 # The tiny model pretrained without hazard split 1 answers it near chance (0.25). The lr is the one
 # from each optimizer's documented grid (conf/attack/<name>.yaml) that gets there fastest without the
-# retain-perplexity dagger; steps are the configs' default (100), and the run stops once split 1
-# reaches 0.8 (the trajectory up to there is kept).
-RECOVERY_LR = {"sgd": "1e-3", "adam": "3e-4", "sophia": "1e-2", "muon": "1e-3", "adahessian": "4e-2"}
+# retain-perplexity dagger: step 40-80 on the machine that measured them. The budget is 150 steps,
+# not the configs' 100, so that other CPUs' rounding (the attack runs with native kernels) cannot
+# turn a step-80 recovery into a failure; the run stops once split 1 reaches 0.8.
+RECOVERY_LR = {"sgd": "3e-3", "adam": "1e-3", "sophia": "2e-2", "muon": "1e-3", "adahessian": "1e-1"}
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -219,7 +220,7 @@ def test_relearning_a_never_seen_split_reaches_080(name, naive_model_path, data,
     model, tokenizer = from_pretrained(naive_model_path)
     start = evaluator(model)
     assert start["acc/synthetic_hazard_split1"] < 0.45 and start["acc/synthetic_hazard_split0"] > 0.9
-    attack = make_attack(f"attack={name}", f"lr={RECOVERY_LR[name]}", "attack.data.splits=[1]",
+    attack = make_attack(f"attack={name}", f"lr={RECOVERY_LR[name]}", "attack.data.splits=[1]", "attack.steps=150",
                          "attack.recover_metric=relearned_acc", "attack.stop_when_recovered=true")
     result = attack(model, tokenizer, data, evaluator, start=start, threshold=0.8)
     assert not result.diverged, result.divergence_reason

@@ -132,7 +132,8 @@ def test_cache_key_changes_with_what_determines_the_weights(monkeypatch):
 
 # The default tiny model's weights as pretrained under pinned numerics (harness/tiny.py) with the
 # locked torch and transformers (constraints.txt): every x86-64 machine must produce these bits.
-REFERENCE_WEIGHTS = {"torch": "2.13.0+cpu", "transformers": "5.23.0", "sha256": "TO-BE-RECORDED"}
+REFERENCE_WEIGHTS = {"torch": "2.13.0+cpu", "transformers": "5.23.0",
+                     "sha256": "1d903a2bf51df16973dc37dd77d8827266396ae72568f83db90031b805ba37c5"}
 
 
 def test_pinned_pretraining_gives_the_reference_weights(tiny_path):
@@ -165,6 +166,15 @@ def test_bad_values_are_rejected_with_one_line(override, message):
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(override))
     assert str(err.value) == message
+
+
+def test_bad_baseline_options_are_rejected_with_one_line():
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("defense=rmu", "defense.retain_corpus=wiki"))
+    assert str(err.value) == "defense.retain_corpus='wiki': allowed retain or unrelated"
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("defense=npo", "defense.warmup_epochs=-1"))
+    assert str(err.value) == "defense.warmup_epochs=-1: allowed a number >= 0"
 
 
 def _run_cli(tmp_path, *args, env_extra=None, timeout=300):

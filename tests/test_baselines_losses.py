@@ -3,6 +3,7 @@ formulas over a few numbers, not the code under test)."""
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -76,6 +77,20 @@ def test_npo_loss_by_hand():
     assert npo.npo_loss(ref + 50, ref, beta) < npo.npo_loss(ref + 5, ref, beta)
 
 
+def test_npo_schedule_is_the_originals():
+    """One epoch of the forget set warms the lr up linearly, then it decays linearly to 0 (HF Trainer,
+    as the original runs it); the gradient norm is clipped at 1.0."""
+    from harness.train import lr_lambda
+    defense = npo.NPO(beta=0.1, npo_coeff=1, retain_coeff=1, lr=1e-5, weight_decay=0.01, steps=300,
+                      batch_size=4, grad_accum=4)
+    assert defense.warmup_steps(n_forget=1000) == 63                      # ceil(1000 / 16)
+    assert defense.warmup_steps(n_forget=10 ** 6) == 300                  # never past the run
+    assert defense.max_grad_norm == 1.0
+    factor = lr_lambda("linear", 63, 300)
+    assert close(factor(0), 1 / 63) and close(factor(62), 1.0)
+    assert close(factor(63), 1.0) and close(factor(63 + 237 // 2), 1 - (237 // 2) / 237)
+
+
 # --------------------------------------------------------------------------------------------- RepNoise
 
 def test_mmd_by_hand():
@@ -130,6 +145,21 @@ def test_soft_ce_and_prefix_by_hand():
     b = elm.with_prefix({"input_ids": torch.tensor([[2, 7, 8, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])},
                         [5, 6])
     assert b["input_ids"].tolist() == [[2, 5, 6, 7, 8, 0]] and b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0]]
+
+
+def test_prefixed_logprobs_align_the_first_text_token_with_the_last_prefix_token():
+    """ELM's expert/novice log-probabilities at original position t come from position t + len(prefix)
+    of the prefixed batch: the first text token is predicted from the last prefix token, not from BOS."""
+    class Echo(torch.nn.Module):  # logits favour the input token at each position
+        def forward(self, input_ids, attention_mask):
+            return types.SimpleNamespace(logits=10.0 * torch.nn.functional.one_hot(input_ids, 10).float())
+
+    batch = {"input_ids": torch.tensor([[2, 7, 8]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    plain = elm.logprobs(Echo(), batch)
+    prefixed = elm.logprobs(Echo(), elm.with_prefix(batch, [5, 6]), skip=2)
+    assert plain.shape == prefixed.shape
+    assert plain.argmax(-1).tolist() == [[2, 7, 8]]
+    assert prefixed.argmax(-1).tolist() == [[6, 7, 8]]
 
 
 # --------------------------------------------------------------------------------------------- TAR

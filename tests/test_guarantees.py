@@ -102,7 +102,7 @@ def test_secrets_never_reach_records_config_dumps_or_logs(tmp_path):
 def test_sigkill_mid_attack_leaves_no_record_and_a_rerun_completes(tmp_path):
     env = {**os.environ, "SPECDEF_OUTPUTS": str(tmp_path / "outputs")}
     run_dir = tmp_path / "run"
-    args = [sys.executable, "run.py", "attack.steps=30", "attack.eval_every=1", "attack.checkpoint_every=5",
+    args = [sys.executable, "run.py", "attack.steps=30", "attack.eval_every=5", "attack.checkpoint_every=5",
             "eval.limit=20", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -119,7 +119,7 @@ def test_sigkill_mid_attack_leaves_no_record_and_a_rerun_completes(tmp_path):
     record = read_record(run_dir / "result.json")
     assert record is not None and record["attack"]["steps"] == 30
     assert record["attack"]["extra"]["resumed_from_step"] >= 5  # continued, not restarted from zero
-    assert [p["step"] for p in record["attack"]["trajectory"]] == list(range(31))
+    assert [p["step"] for p in record["attack"]["trajectory"]] == list(range(0, 31, 5))
     assert json.loads((run_dir / "result.json").read_text())["status"] == "complete"
 
 
