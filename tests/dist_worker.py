@@ -44,8 +44,8 @@ DEFENSES = {
             "defense.inner_subsample=1", "defense.warmup_steps=1", "defense.batch_size=8",
             "defense.adversary_batch_size=8"],
 }
-# the whole pipeline, sharded: 12 attack steps, a sharded checkpoint every 3
-RUN = ["dist=fsdp", "attack.steps=12", "attack.eval_every=3", "attack.checkpoint_every=3", "eval.limit=20"]
+# the whole pipeline, sharded: 12 attack steps, evaluated and checkpointed (sharded) every 4
+RUN = ["dist=fsdp", "attack.steps=12", "attack.eval_every=4", "attack.checkpoint_every=4", "eval.limit=20"]
 # tiny random models of the families whose SpecDef layers are not nn.Linear
 FAMILY_SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,

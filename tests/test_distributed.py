@@ -115,7 +115,7 @@ def test_sharded_evaluation_gives_the_metrics_of_one_process(launch):
 def test_sharded_run_writes_one_record(launch):
     record = launch["record"]
     assert record["provenance"]["world_size"] == 2 and record["config"]["dist"]["name"] == "fsdp"
-    assert [p["step"] for p in record["attack"]["trajectory"]] == [0, 3, 6, 9, 12]
+    assert [p["step"] for p in record["attack"]["trajectory"]] == [0, 4, 8, 12]
 
 
 def _run_args(*overrides: str) -> list[str]:
@@ -155,7 +155,7 @@ def test_a_killed_rank_leaves_no_record_and_the_run_resumes(launch, tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed, uninterrupted = read_record(run_dir / "result.json"), launch["record"]
-    assert resumed["attack"]["extra"]["resumed_from_step"] >= 3
+    assert resumed["attack"]["extra"]["resumed_from_step"] >= 4
     assert resumed["attack"]["trajectory"] == uninterrupted["attack"]["trajectory"]
     assert resumed["metrics"] == uninterrupted["metrics"]
 
