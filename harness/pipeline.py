@@ -47,7 +47,7 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only."""
     if defense.name == "none" or not cfg.cache_defended:
         return defense(model, tokenizer, data)
-    from specdef.release import load_defended, manifest_record, save_defended
+    from specdef.release import load_defended
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}
     parts["code"] = _defense_code_hash(defense)  # edited method code must not be served from the cache
     parts["weights"] = model_fingerprint(model)
@@ -67,6 +67,7 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
 
 
 def _cache_defended(model, defense, folder: Path) -> None:
+    from specdef.release import manifest_record, save_defended
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_defended(model, None, tmp, record=manifest_record(defense.info))
