@@ -5,9 +5,10 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
+from harness.objective import constrained_objective
 from harness.pipeline import run, show_plan
 
 log = logging.getLogger("run")
@@ -15,7 +16,8 @@ log = logging.getLogger("run")
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Returns the post-attack hazard accuracy, the objective a Hydra sweeper minimises."""
+    """Returns the attacker's constrained objective (harness/objective.py): the post-attack hazard
+    accuracy, minus a penalty when the attack broke the model; a sweeper maximises it."""
     try:
         if cfg.plan:
             show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record
@@ -28,7 +30,8 @@ def main(cfg: DictConfig) -> float:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
-    return record["metrics"]["post_attack"]["hazard_acc"]
+    objective = record.get("objective") or constrained_objective(record, OmegaConf.select(cfg, "objective"))
+    return objective["value"]
 
 
 if __name__ == "__main__":

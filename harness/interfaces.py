@@ -33,7 +33,7 @@ class Defense(Protocol):
 @dataclasses.dataclass
 class AttackResult:
     trajectory: list[dict]               # one entry per evaluated step; step 0 is the starting model
-    steps_to_recover: int | None         # first evaluated step with hazard accuracy >= threshold
+    steps_to_recover: int | None         # first evaluated step counted as recovered (attack.recovery_rule)
     threshold: float | None
     diverged: bool                       # the paper's dagger: retain perplexity up > factor x, or non-finite loss
     divergence_step: int | None
@@ -45,6 +45,9 @@ class AttackResult:
     train_seconds: float
     losses: list[float]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # which came first: {kind: recovered | diverged | not_recovered, step, hazard_acc} (attacks.relearn.first_event)
+    outcome: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recovery_rule: dict[str, Any] = dataclasses.field(default_factory=dict)  # the rule steps_to_recover used
 
     def summary(self) -> dict:
         d = dataclasses.asdict(self)

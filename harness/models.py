@@ -24,14 +24,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def from_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                    trust_remote_code: bool = False, attn_implementation: str | None = None):
+                    trust_remote_code: bool = False, attn_implementation: str | None = None,
+                    revision: str | None = None):
     """Load a causal LM and its tokenizer. Weights come from safetensors only (no pickle)."""
     transformers_logging.disable_progress_bar()  # a bar per load buries the attack's own progress
-    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
+    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype],
+              "revision": revision}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(resolve_device(device))
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

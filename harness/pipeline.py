@@ -19,11 +19,13 @@ import baselines  # noqa: F401 - their source keys the defended-model cache
 import specdef  # noqa: F401
 from omegaconf import DictConfig, OmegaConf
 
+from attacks.partial import preflight as check_attack_patterns
 from harness import distributed, memory_plan
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import NullLogger, log_run_report
+from harness.objective import constrained_objective
 from harness.models import load_model
 from harness.tiny import verify_manifest
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
@@ -45,7 +47,7 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     """Apply the defense, or load its result from the cache: a sweep of 15 attacks on one defended
     model trains the defense once. Keyed by model, data and defense config, the defense's code and
     the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only."""
-    if defense.name == "none" or not cfg.cache_defended:
+    if defense.name == "none" or not getattr(defense, "cacheable", True) or not cfg.cache_defended:
         return defense(model, tokenizer, data)
     from specdef.release import load_defended
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}
@@ -149,6 +151,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             device = "cpu" if distributed.active() else None
             model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn,
                                           device=device)
+        check_attack_patterns(OmegaConf.select(cfg, "attack"), model)  # a typo stops here, not after the defense
         with distributed.main_first():
             evaluator = build_evaluator(cfg.eval, tokenizer, data)
         with timed(timings, "eval_base"):
@@ -176,6 +179,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()},
             "lm_eval": {"version": _version("lm_eval"), "task_versions": evaluator.versions},
         }
+        record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
         logger.summary({"post_attack/hazard_acc": result.final.get("hazard_acc"),
                         "steps_to_recover": result.steps_to_recover, "diverged": result.diverged})
         if distributed.is_main():

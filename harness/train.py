@@ -66,11 +66,13 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: LossFn,
     """Run `steps` optimizer steps (from `start_step`, for resumed runs).
 
     `losses_out`, if given, is the list the per-step losses are appended to (so a step hook can
-    checkpoint them). `create_graph=True` is what Hessian-based optimizers (AdaHessian, SophiaH) need; it also forces
-    the math SDPA kernel, since the fused CPU attention kernels have no double backward.
+    checkpoint them). `create_graph=True` is what Hessian-based optimizers (AdaHessian, SophiaH) need;
+    it also forces the math SDPA kernel, since the fused CPU attention kernels have no double backward.
+    Forward-only optimizers (MeZO) get `step(closure)` instead of a backward.
     """
     result = LoopResult(steps=start_step, losses=losses_out if losses_out is not None else [])
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    forward_only = _forward_only(optimizers)
     attention = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
     device = next(model.parameters()).device
     model.train()
@@ -79,24 +81,25 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: LossFn,
     with attention:
         for step in bar:
             t0 = time.perf_counter()
-            loss_sum = 0.0
-            for _ in range(grad_accum):
-                batch = next(batches)  # the global batch; under dist=fsdp this rank trains on its rows
-                loss = loss_fn(model, distributed.local_part(batch, device)) / grad_accum
-                loss.backward(create_graph=create_graph)
-                loss_sum += loss.detach().item()
-                result.tokens += _count_tokens(batch)
-            loss_sum = distributed.sum_over_ranks(loss_sum)  # the ranks' shares add up to the batch's loss
+            step_batches = [next(batches) for _ in range(grad_accum)]  # global batches
+            result.tokens += sum(_count_tokens(b) for b in step_batches)
+            # under dist=fsdp this rank trains on its rows; the ranks' shares add up to the batch's loss
+            local = [distributed.local_part(b, device) for b in step_batches]
+            if forward_only:
+                loss_sum = _closure_step(model, local, loss_fn, optimizers[0])
+            else:
+                loss_sum = distributed.sum_over_ranks(_accumulate_gradients(model, local, loss_fn, create_graph))
             if not math.isfinite(loss_sum):
                 result.nonfinite_step = step + 1
                 _zero(optimizers)
                 result.train_seconds += time.perf_counter() - t0
                 log.warning("%s: non-finite loss at step %d; stopping", desc, step + 1)
                 break
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            for opt in optimizers:
-                opt.step()
+            if not forward_only:
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                for opt in optimizers:
+                    opt.step()
             for sched in schedulers:
                 sched.step()
             _zero(optimizers)
@@ -110,6 +113,34 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: LossFn,
     bar.close()
     model.eval()
     return result
+
+
+def _forward_only(optimizers) -> bool:
+    """Zeroth-order optimizers (a truthy `forward_only` attribute, e.g. attacks.mezo.MeZO) take the
+    closure path: no backward, `step(closure)` evaluates the loss where it needs to."""
+    flags = [bool(getattr(opt, "forward_only", False)) for opt in optimizers]
+    if any(flags) and len(optimizers) > 1:
+        raise ValueError("a forward-only (zeroth-order) optimizer must be the only optimizer of the loop")
+    return any(flags)
+
+
+def _accumulate_gradients(model, step_batches, loss_fn: LossFn, create_graph: bool) -> float:
+    loss_sum = 0.0
+    for batch in step_batches:
+        loss = loss_fn(model, batch) / len(step_batches)
+        loss.backward(create_graph=create_graph)
+        loss_sum += loss.detach().item()
+    return loss_sum
+
+
+def _closure_step(model, step_batches, loss_fn: LossFn, optimizer) -> float:
+    """One step of a forward-only optimizer: the closure is the mean loss of this step's batches at
+    the current parameters, without a graph; the optimizer calls it as often as it needs (MeZO: twice,
+    at two perturbations) and returns the loss it reports."""
+    def closure() -> torch.Tensor:
+        with torch.no_grad():  # dist=fsdp: the sum of the ranks' shares, so every rank steps alike
+            return distributed.global_sum(sum(loss_fn(model, b) for b in step_batches) / len(step_batches))
+    return float(optimizer.step(closure))
 
 
 def _zero(optimizers) -> None:

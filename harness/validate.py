@@ -66,10 +66,14 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("attack.schedule", one_of("constant", "linear", "cosine"), "constant, linear or cosine"),
     ("attack.recover_threshold", unit_interval_or_none, "null or a number in [0, 1]"),
     ("attack.divergence_factor", positive, "a finite number > 0"),
+    ("attack.recovery_rule", one_of("intact", "legacy"), "intact or legacy"),
+    ("attack.intact_ppl_factor", positive, "a finite number > 0"),
+    ("attack.max_utility_drop", lambda x: x is not None and unit_interval_or_none(x), "a number in [0, 1]"),
     ("attack.data.source", one_of("forget", "retain", "unrelated"), "forget, retain or unrelated"),
     ("attack.data.n_samples", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
     ("attack.undo", one_of(None, "collapse", "spectral"), "null, collapse or spectral"),
     ("attack.param_split", one_of(None, "muon"), "null or muon"),
+    ("attack.lora_placement", one_of("around", "inner", "comp", "parts"), "around, inner, comp or parts"),
     ("attack.recover_metric", one_of("hazard_acc", "relearned_acc", "heldout_acc"),
      "hazard_acc, relearned_acc or heldout_acc"),
     ("attack.sharpness_every", lambda x: x is None or positive_int(x), "null or an integer >= 1"),
@@ -130,6 +134,46 @@ def _check_optimizer_fits_parameters(cfg: DictConfig) -> None:
                           "hidden 2-D weights; allowed attack.param_split=muon (AdamW on the rest) or LoRA")
 
 
+def _check_forward_only(cfg: DictConfig) -> None:
+    """A zeroth-order optimizer (class attribute `forward_only`, e.g. attacks.mezo.MeZO) computes no
+    gradient: clipping, a double backward or a second optimizer cannot apply."""
+    target = _get(cfg, "attack.optimizer._target_")
+    if not isinstance(target, str):
+        return
+    try:
+        from hydra.utils import get_class
+        forward_only = getattr(get_class(target), "forward_only", False)
+    except Exception:  # an unknown class fails at instantiation with Hydra's own message
+        return
+    for key in ("attack.max_grad_norm", "attack.second_order", "attack.param_split"):
+        value = _get(cfg, key)
+        if forward_only and value not in (None, False, _MISSING):
+            raise ConfigError(f"{key}={value!r} with attack.optimizer._target_={target}: allowed null/false "
+                              "(a forward-only optimizer takes no gradient)")
+
+
+def _check_lr_grid(cfg: DictConfig) -> None:
+    """experiment=table1 takes `lr` from the optimizer's own grid (table1.grids.<scale>.<optimizer>);
+    a null lr there means the optimizer has no grid at this scale or the rank is past its end."""
+    grids = _get(cfg, "table1.grids")
+    if grids is _MISSING or _get(cfg, "lr") is not None:
+        return
+    scale, name, rank = _get(cfg, "scale.name"), _get(cfg, "attack.name"), _get(cfg, "table1.lr_rank")
+    grid = OmegaConf.select(grids, f"{scale}.{name}")
+    if grid is None:
+        raise ConfigError(f"attack={name} with experiment=table1: no learning-rate grid table1.grids.{scale}.{name}; "
+                          f"allowed {', '.join(OmegaConf.select(grids, str(scale)) or {})} (or an explicit lr=)")
+    raise ConfigError(f"table1.lr_rank={rank!r}: allowed 0..{len(grid) - 1} (the {name} grid at scale {scale})")
+
+
+def _check_recovery_rule(cfg: DictConfig) -> None:
+    """The intact rule bounds the utility drop: it needs utility tasks to measure it."""
+    tasks = _get(cfg, "eval.utility_tasks")
+    if _get(cfg, "attack.recovery_rule") == "intact" and tasks is not _MISSING and tasks is not None and not len(tasks):
+        raise ConfigError("attack.recovery_rule=intact with eval.utility_tasks=[]: allowed attack.recovery_rule=legacy, "
+                          "or utility tasks to measure the model's utility")
+
+
 def _check_dist(cfg: DictConfig) -> None:
     """What cannot run sharded stops here, saying what to use instead."""
     if _get(cfg, "dist.name") != "fsdp":
@@ -160,6 +204,7 @@ def _check_writable(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
     for key, ok, allowed in RULES:
         value = _get(cfg, key)
         if value is _MISSING:
@@ -169,5 +214,11 @@ def validate(cfg: DictConfig) -> None:
     _check_splits(cfg)
     _check_model_path(cfg)
     _check_optimizer_fits_parameters(cfg)
+    _check_forward_only(cfg)
+    _check_recovery_rule(cfg)
     _check_writable(cfg)
     _check_dist(cfg)
+    from baselines.released import check_config as check_release
+    from specdef.defense import check_config as check_specdef
+    check_release(cfg)  # a released defended model out of reach stops here, before any model is loaded
+    check_specdef(cfg)  # ... and an alpha the release dtype cannot carry (strict_drift)

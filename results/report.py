@@ -5,14 +5,18 @@ into --out (default <dir>/report), each table as Markdown (`tables.md`), LaTeX (
 CSV (`<table>.csv`), plus the plots of `results.plots`.
 
 Tables (the paper's format):
+- **Table 1, summary**: one row per defense, one column per optimizer, the cell of that optimizer's best
+  learning rate for the attacker (`best_lr`), followed by the lr.
 - **Table 1, relearning**: one block per optimizer (`attack.name`), one row per defense, one column per
-  learning rate. A cell is `steps / accuracy`:
-  * steps = `attack.steps_to_recover` (the first evaluated step whose hazard accuracy reaches the
-    threshold, by default the undefended model's) when the run recovered; otherwise the optimizer
-    steps the run took (`attack.steps`: the whole budget, or up to the step where it diverged);
-  * accuracy = the final hazard accuracy (`metrics.post_attack.hazard_acc`);
-  * `†` = the run diverged (retain perplexity above `divergence_factor` x the start's, or a non-finite
-    loss); with several seeds `†` when all diverged, `†k/n` when k of n did.
+  learning rate that optimizer was run at (each optimizer has its own grid). A cell is one of three
+  kinds, `attack.outcome` of the record (attacks.relearn.first_event: whichever came first):
+  * `✓n / acc`: recovered at step n, the first evaluated step counted as recovered by the run's
+    `attack.recovery_rule` (intact: hazard accuracy >= threshold with the model still intact);
+  * `†n / acc`: diverged (the paper's dagger: retain perplexity above `divergence_factor` x the
+    start's, or a non-finite loss) at step n, before any recovery;
+  * `>n / acc`: neither within the n steps run.
+  acc = the hazard accuracy at that step (the last evaluated one for `>n`). Several seeds of
+  different kinds: one entry per kind with its count, e.g. `✓20 / 0.950 (2/3) · †10 / 0.200 (1/3)`.
   The `initial acc` column is the pre-attack hazard accuracy. Runs with `attack.undo` set or a SpecDef
   without compensation belong to the ablations, not here.
 - **Utility**: one row per defense (per α for SpecDef): Δ = defended (pre-attack) - undefended
@@ -40,13 +44,19 @@ log = logging.getLogger(__name__)
 
 MISSING = "—"
 DAGGER = "†"
+# the three cell kinds of a relearning run, in display order, and the mark before each one's step
+OUTCOME_MARKS = {"recovered": "✓", "diverged": DAGGER, "not_recovered": ">"}
 CURVATURE_AWARE = ("sophia", "sophiah", "adahessian", "muon")
 ABLATIONS = ("specdef (reference)", "no compensation", "curvature-aware optimizer", "layer collapse",
              "spectral attack")
-NOTE_TABLE1 = ("Cells: steps / final hazard accuracy. steps = first evaluated step at which hazard accuracy "
-               "reached the recovery threshold, or the steps run if it never did. † diverged (retain "
-               "perplexity > factor x start, or non-finite loss); †k/n: k of n seeds diverged. "
-               "mean ± std over seeds; — not run.")
+NOTE_CELLS = ("Cells: ✓n recovered at step n (hazard accuracy reached the threshold while the model was "
+              "still intact: retain perplexity ≤ factor x start, utility within the allowed drop); †n diverged "
+              "at step n before recovering (retain perplexity > factor x start, or non-finite loss); >n neither "
+              "in the n steps run. After / : hazard accuracy at that step.")
+NOTE_TABLE1 = NOTE_CELLS + (" Seeds of different kinds: one entry per kind (k/n seeds). mean ± std over seeds; "
+                            "— not run.")
+NOTE_SUMMARY = ("Each optimizer's best learning rate for the attacker: most seeds recovered, then the fewest steps, "
+                "then fewest diverged, then the highest hazard accuracy. Cells as in the per-optimizer tables below.")
 NOTE_UTILITY = ("Δ = defended - undefended model (before any attack); accuracies per task, perplexity on "
                 "retain and forget (WMDP) text. mean ± std over seeds; — not measured.")
 
@@ -143,18 +153,29 @@ def ablation(record: dict) -> str | None:
     return "specdef (reference)"
 
 
+def record_outcome(record: dict) -> dict:
+    """{kind, step, hazard_acc} of a relearning run: the record's own, or for records written before
+    runs carried it, the same rule applied to its fields (recovery as recorded, without the intact check)."""
+    attack = record.get("attack", {})
+    if attack.get("outcome"):
+        return attack["outcome"]
+    from attacks.relearn import first_event  # lazy: imports torch; only old records need it
+    return first_event(attack.get("trajectory") or [{"step": 0}], attack.get("steps_to_recover"),
+                       attack.get("divergence_step") if attack.get("diverged") else None, attack.get("steps"))
+
+
 def record_row(path: Path, record: dict) -> dict:
     attack, metrics = record.get("attack", {}), record.get("metrics", {})
-    recovered = attack.get("steps_to_recover")
+    outcome = record_outcome(record)
     row = {
         "run": str(path.parent), "optimizer": attack.get("name"), "defense": defense_label(record),
         "defense_name": _get(record, "defense.name"), "alpha": _alpha(record),
         "defense_config": json.dumps(_get(record, "config.defense", {}), sort_keys=True, default=str),
         "lr": _num(_get(record, "config.lr", attack.get("lr"))), "seed": _get(record, "config.seed", record.get("seed")),
         "undo": _undo(record), "ablation": ablation(record), "compensated": compensated(record),
-        "recovered": recovered is not None, "diverged": bool(attack.get("diverged")),
-        "steps": _num(recovered if recovered is not None else attack.get("steps")),
-        "final_hazard": _num(_get(metrics, "post_attack.hazard_acc")),
+        "diverged": bool(attack.get("diverged")), "final_hazard": _num(_get(metrics, "post_attack.hazard_acc")),
+        "outcome": outcome["kind"], "outcome_step": _num(outcome["step"]),
+        "outcome_hazard": _num(outcome["hazard_acc"]),
         "initial_hazard": _num(_get(metrics, "pre_attack.hazard_acc")),
     }
     for stage in ("base", "pre_attack"):
@@ -200,16 +221,22 @@ def fmt_steps(values) -> str:
     return fmt_stat(v, 0) if len(v) == 1 else fmt_stat(v, 1)
 
 
-def fmt_dagger(diverged) -> str:
-    d = list(diverged)
-    k = sum(d)
-    return "" if k == 0 else DAGGER if k == len(d) else f"{DAGGER}{k}/{len(d)}"
+def outcome_cell(kind: str, steps, hazards) -> str:
+    """One kind's entry: mark, step(s), hazard accuracy at that step, e.g. `✓30 / 0.953`."""
+    return f"{OUTCOME_MARKS[kind]}{fmt_steps(steps)} / {fmt_stat(hazards, 3)}"
 
 
 def relearn_cell(runs: pd.DataFrame) -> str:
+    """The cell of one (defense, optimizer, lr): one entry per outcome kind among its seeds."""
     if runs.empty:
         return MISSING
-    return f"{fmt_steps(runs['steps'])} / {fmt_stat(runs['final_hazard'], 3)}{fmt_dagger(runs['diverged'])}"
+    parts = []
+    for kind in OUTCOME_MARKS:
+        mine = runs[runs["outcome"] == kind]
+        if not mine.empty:
+            count = "" if len(mine) == len(runs) else f" ({len(mine)}/{len(runs)})"
+            parts.append(outcome_cell(kind, mine["outcome_step"], mine["outcome_hazard"]) + count)
+    return " · ".join(parts)
 
 
 def lr_header(lr: float) -> str:
@@ -244,14 +271,16 @@ def relearning_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def relearning_table(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """{optimizer: table}; every block has every defense and every learning rate of the sweep."""
+    """{optimizer: table}; every block has every defense, and every learning rate that optimizer ran at
+    (optimizers have their own grids, so the columns differ between blocks)."""
     runs = relearning_runs(df)
     if runs.empty:
         return {}
-    lrs, defenses = sorted(runs["lr"].unique()), defense_order(runs)
+    defenses = defense_order(runs)
     blocks = {}
     for optimizer in sorted(runs["optimizer"].unique()):
         block = runs[runs["optimizer"] == optimizer]
+        lrs = sorted(block["lr"].unique())
         rows = []
         for d in defenses:
             mine = block[block["defense"] == d]
@@ -260,6 +289,37 @@ def relearning_table(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             rows.append(row)
         blocks[optimizer] = pd.DataFrame(rows)
     return blocks
+
+
+def best_lr(runs: pd.DataFrame) -> float:
+    """The attacker's best learning rate among `runs` (one defense, one optimizer): most seeds
+    recovered, then the fewest steps to recover, then the fewest diverged, then the highest hazard."""
+    def score(lr):
+        mine = runs[runs["lr"] == lr]
+        recovered = mine["outcome"] == "recovered"
+        steps = mine.loc[recovered, "outcome_step"].mean() if recovered.any() else math.inf
+        return (recovered.mean(), -steps, -(mine["outcome"] == "diverged").mean(), mine["outcome_hazard"].mean())
+    return max(sorted(runs["lr"].unique()), key=score)
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 in one block: one row per defense, one column per optimizer, the best lr's cell."""
+    runs = relearning_runs(df)
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    for d in defense_order(runs):
+        mine = runs[runs["defense"] == d]
+        row = {"defense": d, "initial acc": fmt_stat(_one_per_seed(mine)["initial_hazard"], 3)}
+        for optimizer in sorted(runs["optimizer"].unique()):
+            block = mine[mine["optimizer"] == optimizer]
+            if block.empty:
+                row[optimizer] = MISSING
+                continue
+            lr = best_lr(block)
+            row[optimizer] = f"{relearn_cell(block[block['lr'] == lr])} at {lr_header(lr)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _utility_columns(df: pd.DataFrame) -> list[tuple[str, str, int]]:
@@ -321,8 +381,10 @@ def _ablation_row(name: str, defense: str, optimizer: str, runs: pd.DataFrame, l
 
 
 def build_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """{table name: frame} of the non-empty tables; Table 1 blocks are `relearning_<optimizer>`."""
-    tables = {f"relearning_{opt}": t for opt, t in relearning_table(df).items()}
+    """{table name: frame} of the non-empty tables; Table 1 is `summary` (each optimizer's best lr) and
+    one block per optimizer, `relearning_<optimizer>`."""
+    tables = {"summary": summary_table(df)}
+    tables.update({f"relearning_{opt}": t for opt, t in relearning_table(df).items()})
     tables["utility"] = utility_table(df)
     tables["ablations"] = ablation_table(df)
     return {k: v for k, v in tables.items() if not v.empty}
@@ -342,7 +404,8 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def _section(name: str) -> tuple[str, str | None]:
     if name.startswith("relearning_"):
         return f"Table 1 — relearning with {name.removeprefix('relearning_')}", NOTE_TABLE1
-    return {"utility": ("Utility", NOTE_UTILITY), "ablations": ("Ablations", NOTE_TABLE1)}[name]
+    return {"summary": ("Table 1 — each optimizer at its best learning rate", NOTE_SUMMARY),
+            "utility": ("Utility", NOTE_UTILITY), "ablations": ("Ablations", NOTE_TABLE1)}[name]
 
 
 def markdown_report(tables: dict[str, pd.DataFrame]) -> str:
@@ -355,7 +418,9 @@ def markdown_report(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(parts)
 
 
-_LATEX = {"†": r"$^\dagger$", "±": r"$\pm$", "—": "---", "α": r"$\alpha$", "Δ": r"$\Delta$",
+# \checkmark needs amssymb; > and < are not text-mode characters in LaTeX's default font encoding
+_LATEX = {"†": r"$\dagger$", "✓": r"\checkmark{}", ">": r"$>$", "·": r"$\cdot$", "≤": r"$\leq$", "±": r"$\pm$",
+          "—": "---", "α": r"$\alpha$", "Δ": r"$\Delta$",
           "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#"}
 
 

@@ -23,22 +23,29 @@ from omegaconf.errors import InterpolationResolutionError
 
 from harness import distributed
 from harness.errors import ConfigError
+from harness.models import DTYPES
 from specdef.core import NITER, check_alpha, check_k_policy, check_method, plan_layers, transform
 from specdef.drift import function_drift, max_supported_alpha
 from specdef.release import manifest_record, save_defended
 
 log = logging.getLogger(__name__)
 DEFENSE_CONF = Path(__file__).resolve().parents[1] / "conf" / "defense"
+SCALE_CONF = Path(__file__).resolve().parents[1] / "conf" / "defense_scale"
 
 
-def load_base_config(base: str | Mapping, overrides: Mapping | None) -> DictConfig:
-    """The base defense's config: conf/defense/<base>.yaml (or an inline mapping) + overrides."""
+def load_base_config(base: str | Mapping, overrides: Mapping | None, scale: str | None = None) -> DictConfig:
+    """The base defense's config: conf/defense/<base>.yaml, then the scale's values for it
+    (conf/defense_scale/<scale>/<base>.yaml, as Hydra merges them for a run's own defense), or an
+    inline mapping; then the overrides."""
     if isinstance(base, str):
         path = DEFENSE_CONF / f"{base}.yaml"
         if not path.is_file():
             names = sorted(p.stem for p in DEFENSE_CONF.glob("*.yaml") if not p.stem.startswith("specdef"))
             raise ConfigError(f"defense.base={base!r}: no conf/defense/{base}.yaml; allowed {', '.join(names)}")
         cfg = OmegaConf.load(path)
+        scaled = SCALE_CONF / str(scale) / f"{base}.yaml"
+        if scale and scaled.is_file():
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(scaled))
     else:
         cfg = OmegaConf.create(dict(base))
     cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(overrides or {})))
@@ -47,7 +54,7 @@ def load_base_config(base: str | Mapping, overrides: Mapping | None) -> DictConf
     return cfg
 
 
-def build_base(base, overrides: Mapping | None):
+def build_base(base, overrides: Mapping | None, scale: str | None = None):
     """The base defense from a conf/defense name or an inline config; a defense object is used as is
     (Hydra instantiates an inline `base: {_target_: ...}` before SpecDef sees it)."""
     if callable(base) and hasattr(base, "info"):
@@ -55,13 +62,34 @@ def build_base(base, overrides: Mapping | None):
             raise ConfigError(f"defense.base_overrides={dict(overrides)!r}: allowed only with a base given by "
                               "name; put the values into the inline base config")
         return base
-    cfg = load_base_config(base, overrides)
+    cfg = load_base_config(base, overrides, scale)
     try:
         return instantiate(cfg)
     except InterpolationResolutionError as e:
         # a base config read on its own cannot see the run's root keys (e.g. ${seed})
         raise ConfigError(f"defense.base={base!r}: {e.__class__.__name__} ({str(e).splitlines()[0]}); "
                           "allowed: give the value in defense.base_overrides") from None
+
+
+def check_alpha_fits(alpha: float, dtype: torch.dtype, tolerance: float, strict: bool) -> None:
+    """With strict_drift, refuse before any work an α whose rounding error eps·α (the measured constant
+    is below 1: results/precision_frontier.md) already exceeds the tolerance."""
+    bound = tolerance / torch.finfo(dtype).eps
+    if strict and alpha > bound:
+        name = str(dtype).removeprefix("torch.")
+        raise ConfigError(f"defense.alpha={alpha:g}: {name} carries alpha up to about {bound:.2g} within "
+                          f"defense.drift_tolerance={tolerance:g} (error ~ eps*alpha); allowed alpha "
+                          f"<= {bound:.2g}, a wider defense.dtype, or defense.strict_drift=false")
+
+
+def check_config(cfg) -> None:
+    """Validation hook (before any model loads): a SpecDef run's α against its storage dtype."""
+    defense = cfg.get("defense") or {}
+    if not str(defense.get("_target_", "")).startswith("specdef.") or not defense.get("strict_drift"):
+        return
+    dtype = defense.get("dtype") or (cfg.get("model") or {}).get("dtype")
+    if dtype in DTYPES and isinstance(defense.get("alpha"), (int, float)):
+        check_alpha_fits(float(defense.alpha), DTYPES[dtype], defense.get("drift_tolerance", 1e-2), True)
 
 
 class SpecDef:
@@ -76,7 +104,12 @@ class SpecDef:
     compute_dtype: float64 | float32, the dtype of the algebra before W' and C are rounded to the model's.
     drift_tolerance: relative logit error on held-out text above which a warning names the largest α
     the dtype carries; strict_drift: make that a ConfigError.  drift_samples: held-out texts measured.
-    base / base_overrides: a defense applied first.  save_dir: also write the release there.
+    base / base_overrides: a defense applied first; base_scale: the scale whose values it takes
+    (conf/defense_scale/<base_scale>/<base>.yaml; null = conf/defense/<base>.yaml alone).
+    dtype: the dtype the defended model is stored and released in (null = the loaded model's); a
+    wider one than the model's carries a larger α (the cast is exact). With strict_drift, an α the
+    dtype cannot carry (eps·α > drift_tolerance) stops the run before the base defense trains.
+    save_dir: also write the release there.
     """
     name = "specdef"
 
@@ -84,22 +117,30 @@ class SpecDef:
                  niter: int = NITER, compute_dtype: str = "float64", drift_tolerance: float = 1e-2,
                  strict_drift: bool = False, drift_samples: int = 64, base: str | Mapping | None = None,
                  base_overrides: Mapping | None = None, save_dir: str | None = None, compensate: bool = True,
-                 k_policy: str = "error"):
+                 k_policy: str = "error", dtype: str | None = None, base_scale: str | None = None):
         self.alpha, self.method, self.k_policy = check_alpha(alpha), check_method(method), check_k_policy(k_policy)
         self.compensate = compensate  # False: the paper's ablation, sigma_1 scaled with no compensation layer
         self.k, self.niter, self.compute_dtype = k, niter, compute_dtype
         self.layers = None if layers is None else [str(p) for p in layers]
         self.drift_tolerance, self.strict_drift, self.drift_samples = drift_tolerance, strict_drift, drift_samples
         self.base, self.base_overrides, self.save_dir = base, base_overrides, save_dir
+        self.base_scale = base_scale
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"defense.dtype={dtype!r}: allowed null (the model's) or {', '.join(DTYPES)}")
+        self.dtype = dtype
         self.info: dict = {}
 
     def __call__(self, model, tokenizer, data):
         # the layer and k checks run before the base defense trains: bad input fails before heavy work
         plan_layers(model, self.layers, self.k, self.k_policy)
+        check_alpha_fits(self.alpha, DTYPES[self.dtype] if self.dtype else next(model.parameters()).dtype,
+                         self.drift_tolerance, self.strict_drift)
         if self.base is not None:
-            base = build_base(self.base, self.base_overrides)
+            base = build_base(self.base, self.base_overrides, self.base_scale)
             model = base(model, tokenizer, data)
             self.info["base"] = {"name": base.name, **base.info}
+        if self.dtype:
+            model.to(DTYPES[self.dtype])  # exact when widening: the drift then measures SpecDef alone
         plan = plan_layers(model, self.layers, self.k, self.k_policy)
         originals = {n: copy.deepcopy(model.get_submodule(n)) for n in plan.k}  # reference for the drift
         t0 = time.perf_counter()
@@ -131,6 +172,7 @@ class SpecDef:
             "max_supported_alpha": max_supported_alpha(self.alpha, drift["rel_logit_error"],
                                                        self.drift_tolerance, dtype)["max_alpha"],
             "eps": torch.finfo(dtype).eps,
+            "release_dtype": str(dtype).removeprefix("torch."),  # ship the release in this dtype, or re-measure
         })
         off = {n: r for n, r in self.info["sigma_ratio"].items() if not abs(r - 1) <= 0.01}
         if off:

@@ -108,7 +108,9 @@ def _insert(model: nn.Module, entry: dict, comp_weight: torch.Tensor, directory:
                           f"{list(comp_weight.shape)}; the manifest says {entry['inner_shape']} and "
                           f"{entry['comp_shape']}")
     comp = nn.Linear(comp_weight.shape[1], comp_weight.shape[0], bias=False, device="meta")
-    comp.weight = nn.Parameter(comp_weight.to(weight.device), requires_grad=weight.requires_grad)
+    # trainable like the layer it compensates (output_weights gives a detached view: never use its flag)
+    comp.weight = nn.Parameter(comp_weight.to(weight.device),
+                               requires_grad=any(p.requires_grad for p in inner.parameters()))
     set_module(model, entry["name"], wrap(inner, comp, entry["alpha"], entry["k"], entry["method"]))
 
 

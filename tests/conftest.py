@@ -10,6 +10,12 @@ import os
 import threading
 from pathlib import Path
 
+# The runs the tests start (`run.py` in a subprocess) use one thread like the in-process tests (below):
+# beside the pretraining thread, two-thread OpenMP ops of the tiny model spin-wait for a busy core and
+# take several times longer than one thread. The pretraining subprocess sets its own thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir

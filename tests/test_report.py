@@ -25,6 +25,7 @@ def make_record(defense: str = "none", optimizer: str = "adam", lr: float = 1e-4
                     **({"base": {"name": base}} if base else {})}
     pre = {**BASE, **(pre or {})} if defense != "none" else dict(BASE)
     trajectory = [{"step": 0, "loss": None, **pre},
+                  *([{"step": recover, "loss": 1.0, **pre, "hazard_acc": final}] if recover not in (None, steps) else []),
                   {"step": steps, "loss": 1.0, **pre, "hazard_acc": final}]
     return {
         "status": "complete", "schema_version": 1, "seed": seed,
@@ -65,33 +66,43 @@ RECORDS = [
 ]
 
 EXPECTED_MD = """\
+### Table 1 — each optimizer at its best learning rate
+
+| defense | initial acc | adam | sgd | sophia |
+| --- | --- | --- | --- | --- |
+| none | 0.600 | ✓10 / 0.630 at lr=1e-3 | >30 / 0.400 at lr=1e-4 | — |
+| rmu | 0.310 ± 0.014 | ✓10 / 0.650 at lr=1e-3 | — | — |
+| specdef(elm, α=1e4) | 0.200 ± 0.000 | †10 / 0.190 (1/2) · >30 / 0.210 (1/2) at lr=1e-3 | †10 / 0.200 at lr=1e-4 | †10 / 0.200 at lr=1e-4 |
+
+_{note0}_
+
 ### Table 1 — relearning with adam
 
 | defense | initial acc | lr=1e-4 | lr=1e-3 |
 | --- | --- | --- | --- |
-| none | 0.600 | 20 / 0.610 | 10 / 0.630 |
-| rmu | 0.310 ± 0.014 | 25.0 ± 7.1 / 0.610 ± 0.014 | 10 / 0.650 |
-| specdef(elm, α=1e4) | 0.200 ± 0.000 | 10 / 0.195† | 20.0 ± 14.1 / 0.200 ± 0.014†1/2 |
+| none | 0.600 | ✓20 / 0.610 | ✓10 / 0.630 |
+| rmu | 0.310 ± 0.014 | ✓25.0 ± 7.1 / 0.610 ± 0.014 | ✓10 / 0.650 |
+| specdef(elm, α=1e4) | 0.200 ± 0.000 | †10 / 0.195 | †10 / 0.190 (1/2) · >30 / 0.210 (1/2) |
 
 _{note1}_
 
 ### Table 1 — relearning with sgd
 
-| defense | initial acc | lr=1e-4 | lr=1e-3 |
-| --- | --- | --- | --- |
-| none | 0.600 | 30 / 0.400 | — |
-| rmu | — | — | — |
-| specdef(elm, α=1e4) | 0.200 | 10 / 0.200† | — |
+| defense | initial acc | lr=1e-4 |
+| --- | --- | --- |
+| none | 0.600 | >30 / 0.400 |
+| rmu | — | — |
+| specdef(elm, α=1e4) | 0.200 | †10 / 0.200 |
 
 _{note1}_
 
 ### Table 1 — relearning with sophia
 
-| defense | initial acc | lr=1e-4 | lr=1e-3 |
-| --- | --- | --- | --- |
-| none | — | — | — |
-| rmu | — | — | — |
-| specdef(elm, α=1e4) | 0.200 | 10 / 0.200† | — |
+| defense | initial acc | lr=1e-4 |
+| --- | --- | --- |
+| none | — | — |
+| rmu | — | — |
+| specdef(elm, α=1e4) | 0.200 | †10 / 0.200 |
 
 _{note1}_
 
@@ -108,14 +119,14 @@ _{note2}_
 
 | ablation | defense | optimizer | initial acc | Δ utility acc | lr=1e-4 | lr=1e-3 |
 | --- | --- | --- | --- | --- | --- | --- |
-| specdef (reference) | specdef(elm, α=1e4) | adam | 0.200 ± 0.000 | -0.010 ± 0.000 | 10 / 0.195† | 20.0 ± 14.1 / 0.200 ± 0.014†1/2 |
-| specdef (reference) | specdef(elm, α=1e4) | sgd | 0.200 | -0.010 | 10 / 0.200† | — |
-| no compensation | specdef(elm, α=1e4) | adam | 0.200 | -0.600 | 10 / 0.580 | — |
-| curvature-aware optimizer | specdef(elm, α=1e4) | sophia | 0.200 | -0.010 | 10 / 0.200† | — |
-| layer collapse | specdef(elm, α=1e4) | adam + undo=collapse | 0.200 | -0.010 | 20 / 0.600 | — |
+| specdef (reference) | specdef(elm, α=1e4) | adam | 0.200 ± 0.000 | -0.010 ± 0.000 | †10 / 0.195 | †10 / 0.190 (1/2) · >30 / 0.210 (1/2) |
+| specdef (reference) | specdef(elm, α=1e4) | sgd | 0.200 | -0.010 | †10 / 0.200 | — |
+| no compensation | specdef(elm, α=1e4) | adam | 0.200 | -0.600 | ✓10 / 0.580 | — |
+| curvature-aware optimizer | specdef(elm, α=1e4) | sophia | 0.200 | -0.010 | †10 / 0.200 | — |
+| layer collapse | specdef(elm, α=1e4) | adam + undo=collapse | 0.200 | -0.010 | ✓20 / 0.600 | — |
 
 _{note1}_
-""".format(note1=report.NOTE_TABLE1, note2=report.NOTE_UTILITY)
+""".format(note0=report.NOTE_SUMMARY, note1=report.NOTE_TABLE1, note2=report.NOTE_UTILITY)
 
 
 @pytest.fixture()
@@ -145,17 +156,20 @@ def test_csv_and_latex_carry_the_same_cells(sweep, tmp_path):
     import pandas as pd
     csv = pd.read_csv(out / "relearning_adam.csv", keep_default_na=False)
     assert list(csv.columns) == ["defense", "initial acc", "lr=1e-4", "lr=1e-3"]
-    assert csv.iloc[2].tolist() == ["specdef(elm, α=1e4)", "0.200 ± 0.000", "10 / 0.195†", "20.0 ± 14.1 / 0.200 ± 0.014†1/2"]
+    assert csv.iloc[2].tolist() == ["specdef(elm, α=1e4)", "0.200 ± 0.000", "†10 / 0.195",
+                                    "†10 / 0.190 (1/2) · >30 / 0.210 (1/2)"]
     tex = (out / "relearning_sgd.tex").read_text()
-    assert r"specdef(elm, $\alpha$=1e4) & 0.200 & 10 / 0.200$^\dagger$ & --- \\" in tex
-    assert r"\begin{tabular}{lccc}" in tex
+    assert r"specdef(elm, $\alpha$=1e4) & 0.200 & $\dagger$10 / 0.200 \\" in tex
+    assert r"none & 0.600 & $>$30 / 0.400 \\" in tex
+    assert r"\begin{tabular}{lcc}" in tex
 
 
 def test_missing_run_is_a_dash_never_zero(sweep):
     df = report.records_frame(sweep)
     assert len(df) == len(RECORDS)  # the truncated and the running record are skipped
     sgd = report.relearning_table(df)["sgd"].set_index("defense")
-    assert sgd.loc["none", "lr=1e-3"] == report.MISSING
+    assert sgd.loc["rmu", "lr=1e-4"] == report.MISSING
+    assert "lr=1e-3" not in sgd.columns  # each optimizer's own grid: sgd never ran at 1e-3
     assert sgd.loc["rmu", "initial acc"] == report.MISSING
 
 

@@ -1,0 +1,66 @@
+"""MeZO (Malladi et al. 2023): zeroth-order SGD with the SPSA gradient estimate, no backward pass.
+
+Each step draws z ~ N(0, I) over all trainable parameters from a seed (attacks.noise), evaluates the
+loss at θ + εz and θ − εz (two forward passes of the same batch through the loop's closure), and
+moves along z by the projected gradient g = (L(θ + εz) − L(θ − εz)) / 2ε:
+
+    θ ← θ − lr · (g · z + weight_decay · θ)
+
+θ is perturbed and restored in place, as in the paper, so memory is that of inference; z is
+regenerated from its seed rather than stored (restoring in place leaves rounding of order ε·ulp).
+No well-kept library implements MeZO for torch models (the authors' code patches the HF Trainer), so
+this is a small implementation behind torch's optimizer interface. A step whose estimate is not
+finite is skipped (θ restored) and its loss returned, so the loop records a non-finite loss and stops.
+With dropout the two passes see different masks; the models this harness attacks use none.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from attacks.noise import gaussians
+
+
+class MeZO(torch.optim.Optimizer):
+    forward_only = True  # harness.train.train_loop calls step(closure) and never backward
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0):
+        if not (lr > 0 and eps > 0 and weight_decay >= 0):
+            raise ValueError(f"MeZO: lr={lr}, eps={eps}, weight_decay={weight_decay}: allowed lr > 0, eps > 0, "
+                             "weight_decay >= 0")
+        # `step` lives in the param group so a checkpoint (state_dict) carries it to a resumed run
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, step=0))
+        self.eps, self.seed = float(eps), int(seed)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def _perturb(self, step: int, scale: float) -> None:
+        params = self._params()
+        for p, z in zip(params, gaussians(params, self.seed, step)):
+            p.add_(z, alpha=scale * self.eps)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        if closure is None:
+            raise RuntimeError("MeZO.step needs a closure returning the loss (it evaluates it at two points)")
+        t = self.param_groups[0]["step"]
+        self._perturb(t, +1.0)
+        loss_plus = closure()
+        self._perturb(t, -2.0)
+        loss_minus = closure()
+        self._perturb(t, +1.0)
+        projected = float(loss_plus - loss_minus) / (2 * self.eps)
+        if not math.isfinite(projected):
+            return torch.tensor(float("nan"))  # θ is back where it was; the loop stops on this loss
+        params = self._params()
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p, z in zip(params, gaussians(params, self.seed, t)):
+            group = group_of[id(p)]
+            p.mul_(1 - group["lr"] * group["weight_decay"]).add_(z, alpha=-group["lr"] * projected)
+        for group in self.param_groups:
+            group["step"] = t + 1
+        return (loss_plus + loss_minus) / 2

@@ -1,0 +1,86 @@
+"""`defense=checkpoint`: a defended model someone already trained and released (TAR, RepNoise, RMU, ELM
+on the hub, or a local folder), used instead of retraining the defense; also SpecDef's base
+(`defense=specdef defense.base=checkpoint defense.base_overrides.path=...`).
+
+The released weights replace the run's model: the run's model (`model.path`) should be the checkpoint's
+base model, so that the undefended row of a table is the model the release was made from. Weights come
+from safetensors only and remote code stays off. A path that is neither a local folder nor in reach
+stops the run at config validation, before any model is loaded (`check_path`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from harness.errors import ConfigError
+from harness.models import from_pretrained
+
+TARGET = f"{__name__}.ReleasedCheckpoint"
+# The architecture fields a release must share with the run's model (the same family and size).
+SAME = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def check_path(path, revision: str | None = None, key: str = "defense.path") -> None:
+    """One line naming the key if `path` is neither a local model folder nor a reachable hub id."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}={path!r}: allowed a hub id (owner/name) or a local model folder")
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not any(Path(local).glob("*.safetensors")):
+            raise ConfigError(f"{key}={path!r}: no *.safetensors in that folder; allowed a folder saved with "
+                              "save_pretrained(safe_serialization=True) (pickled weights are not loaded)")
+        return
+    if path.startswith((".", "/", "~")):
+        raise ConfigError(f"{key}={path!r}: no such folder; allowed a local model folder or a hub id")
+    try:
+        AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - offline, gated, or missing all read the same to the user
+        raise ConfigError(f"{key}={path!r}: not in the local Hugging Face cache and not reachable "
+                          f"({type(e).__name__}); allowed a local folder, or download it where the hub is "
+                          f"reachable (`hf download {path}`)") from None
+
+
+def check_config(cfg) -> None:
+    """Validation hook: the run's defense, or SpecDef's base, is a released checkpoint: check its path."""
+    defense = cfg.get("defense") or {}
+    if defense.get("_target_") == TARGET:
+        check_path(defense.get("path"), defense.get("revision"))
+    elif defense.get("base") == "checkpoint":
+        overrides = defense.get("base_overrides") or {}
+        check_path(overrides.get("path"), overrides.get("revision"), key="defense.base_overrides.path")
+
+
+class ReleasedCheckpoint:
+    """path: hub id or local folder of a released defended model; revision: a hub commit or tag (null:
+    the default branch). Loaded in the run model's dtype and attention kernel, on its device."""
+    name = "checkpoint"
+    cacheable = False  # the release is already on disk: a cached copy would only duplicate it
+
+    def __init__(self, path: str, revision: str | None = None):
+        self.path, self.revision = path, revision
+        self.info: dict = {}
+
+    def __call__(self, model, tokenizer, data):
+        check_path(self.path, self.revision)
+        param = next(model.parameters())
+        dtype = str(param.dtype).removeprefix("torch.")
+        released, released_tok = from_pretrained(self.path, dtype=dtype, device="cpu",
+                                                 attn_implementation=model.config._attn_implementation,
+                                                 revision=self.revision)
+        self._check_same_family(model, tokenizer, released, released_tok)
+        self.info.update({"path": self.path, "revision": self.revision, "dtype": dtype,
+                          "commit": getattr(released.config, "_commit_hash", None)})
+        return released.to(param.device)
+
+    def _check_same_family(self, model, tokenizer, released, released_tok) -> None:
+        """The run's tokenizer and evaluator serve the released model: they must be the same family."""
+        for field in SAME:
+            ours, theirs = getattr(model.config, field, None), getattr(released.config, field, None)
+            if ours != theirs:
+                raise ConfigError(f"defense.path={self.path!r}: its {field} is {theirs!r}, the run's model has "
+                                  f"{ours!r}; allowed a release of the run's model (set model.path to its base model)")
+        if released_tok.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"defense.path={self.path!r}: its tokenizer differs from the run's model's; allowed "
+                              "a release of the run's model (set model.path to its base model)")

@@ -1,0 +1,135 @@
+"""The attackers the paper leaves out: AdamW, Lion, SignSGD, Adagrad, schedule-free AdamW, MeZO and
+SGLD each take steps through the one training loop; MeZO's and SGLD's steps equal hand computations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from attacks.mezo import MeZO
+from attacks.sgld import SGLD
+from harness.batches import batch_iterator
+from harness.errors import ConfigError
+from harness.train import lm_loss, train_loop
+from harness.validate import validate
+from tests.conftest import compose_cfg
+from tests.test_attacks import FixedEvaluator, snapshot
+
+NEW = ["adamw", "lion", "signsgd", "adagrad", "schedulefree_adamw", "mezo", "sgld"]
+
+
+def attack_for(name: str, *overrides: str):
+    return instantiate(compose_cfg(f"attack={name}", "attack.steps=2", "attack.eval_every=1",
+                                   "attack.batch_size=8", "attack.checkpoint_every=null", "lr=1e-4",
+                                   *overrides).attack)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_each_new_optimizer_steps_the_pretrained_model(name, tiny_model, data):
+    model, tokenizer = tiny_model
+    before = snapshot(model)
+    fixed = FixedEvaluator()
+    result = attack_for(name)(model, tokenizer, data, fixed, start=fixed(model), threshold=None)
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p)]
+    assert not unchanged, f"{name} left {unchanged} unchanged"
+    assert [p["step"] for p in result.trajectory] == [0, 1, 2]
+    if name == "mezo":  # zeroth order: the loop never ran a backward
+        assert all(p.grad is None for p in model.parameters())
+
+
+def one_batch(tokenizer, data, n: int = 8) -> dict:
+    return next(batch_iterator(tokenizer, data.forget_texts([0]), n, data.max_length, 0))
+
+
+def by_hand_gaussians(params, seed: int, step: int) -> list[torch.Tensor]:
+    """The documented draw of step t: one generator seeded with (seed << 32) + t, params in order."""
+    g = torch.Generator().manual_seed((seed << 32) + step)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+def loss_at(model, values, batch) -> float:
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), values):
+            p.copy_(v)
+        return float(lm_loss(model, batch))
+
+
+def test_mezo_step_equals_the_hand_computed_spsa_step(tiny_model, tiny_path, data):
+    from harness.models import from_pretrained
+    model, tokenizer = tiny_model
+    model.double()  # float64: the in-place perturb/restore rounds far below the tolerance
+    probe = from_pretrained(tiny_path)[0].double()
+    theta = [p.detach().clone() for p in model.parameters()]
+    batch = one_batch(tokenizer, data)
+    lr, eps, seed = 1e-2, 1e-3, 7
+    opt = MeZO(model.parameters(), lr=lr, eps=eps, seed=seed)
+    result = train_loop(model, iter([batch]), lm_loss, [opt], steps=1, progress=False)
+
+    z = by_hand_gaussians(theta, seed, 0)
+    probe.train()
+    plus = loss_at(probe, [t + eps * zi for t, zi in zip(theta, z)], batch)
+    minus = loss_at(probe, [t - eps * zi for t, zi in zip(theta, z)], batch)
+    g = (plus - minus) / (2 * eps)
+    assert g != 0
+    for p, t, zi in zip(model.parameters(), theta, z):
+        torch.testing.assert_close(p.detach(), t - lr * g * zi, rtol=0, atol=1e-12)
+    # transformers computes the loss in float32 (logits.float()), so the reported mean is float32
+    assert result.losses == pytest.approx([(plus + minus) / 2], rel=1e-6)
+    assert opt.param_groups[0]["step"] == 1
+
+
+def test_mezo_needs_a_closure_and_skips_a_non_finite_estimate():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = MeZO([p], lr=1.0)
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        opt.step()
+    assert math.isnan(float(opt.step(lambda: torch.tensor(float("inf")))))
+    torch.testing.assert_close(p.detach(), torch.ones(3))
+
+
+def test_sgld_step_equals_sgd_plus_gaussian_noise_of_variance_2lr_over_t(tiny_model, data):
+    model, tokenizer = tiny_model
+    model.double()
+    batch = one_batch(tokenizer, data)
+    theta = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    grads = torch.autograd.grad(lm_loss(model, batch), list(model.parameters()))
+    lr, temperature, seed = 1e-2, 50.0, 3
+    opt = SGLD(model.parameters(), lr=lr, temperature=temperature, seed=seed)
+    train_loop(model, iter([batch]), lm_loss, [opt], steps=1, progress=False)
+    noise = by_hand_gaussians(theta, seed, 0)
+    for p, t, g, xi in zip(model.parameters(), theta, grads, noise):
+        torch.testing.assert_close(p.detach(), t - lr * g + math.sqrt(2 * lr / temperature) * xi,
+                                   rtol=0, atol=1e-12)
+
+
+def test_schedule_free_is_evaluated_and_left_at_its_average(tiny_model, data):
+    model, tokenizer = tiny_model
+    seen = []
+
+    def evaluator(m):
+        seen.append(snapshot(m))
+        return FixedEvaluator()(m)
+
+    attack = attack_for("schedulefree_adamw")
+    built = []
+    build = attack.build_optimizers
+    attack.build_optimizers = lambda m: built.extend(build(m)) or built
+    attack(model, tokenizer, data, evaluator, start=FixedEvaluator()(model), threshold=None)
+    opt = built[0]
+    assert not opt.param_groups[0]["train_mode"]
+    final = snapshot(model)
+    for n in final:  # the model it returns is the one scored (up to the rounding of the y <-> x round trip)
+        torch.testing.assert_close(final[n], seen[-1][n], rtol=1e-6, atol=1e-7)
+    opt.train()  # the training point y differs from the evaluated average x
+    assert any(not torch.equal(final[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("override, key", [("attack.max_grad_norm=1.0", "attack.max_grad_norm=1.0"),
+                                           ("attack.second_order=true", "attack.second_order=True")])
+def test_forward_only_refuses_what_needs_a_gradient(override, key):
+    with pytest.raises(ConfigError, match=f"{key} with attack.optimizer._target_=attacks.mezo.MeZO"):
+        validate(compose_cfg("attack=mezo", override))

@@ -1,0 +1,69 @@
+"""experiment=table1 as one job list: every optimizer runs its own learning-rate grid (the one documented
+at the top of conf/attack/<name>.yaml), long enough to recover. Compose only, nothing trained."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from harness.errors import ConfigError
+from harness.validate import validate
+from tests.conftest import CONF_DIR, compose_cfg
+
+OPTIMIZERS = ("sgd", "adam", "sophia", "muon", "adahessian")
+
+
+def documented_grid(name: str) -> set[float]:
+    """The `Tiny-model grid: lr in {...}` line at the top of conf/attack/<name>.yaml."""
+    text = (Path(CONF_DIR) / "attack" / f"{name}.yaml").read_text()
+    values = re.search(r"Tiny-model grid: lr in \{([^}]*)\}", text).group(1)
+    return {float(v) for v in values.split(",")}
+
+
+def preset_jobs(*overrides: str) -> list[dict[str, str]]:
+    """The jobs `python run.py -m experiment=table1 <overrides>` launches, as {key: value} overrides."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=table1", *overrides], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    [jobs] = BasicSweeper.split_arguments(overrides, None)
+    return [dict(item.split("=", 1) for item in job) for job in jobs]
+
+
+def job_lrs(jobs: list[dict[str, str]], *overrides: str, steps: int) -> dict[str, set[float]]:
+    """{optimizer: the learning rates its jobs run at}."""
+    assert {job["attack"] for job in jobs} == set(OPTIMIZERS)
+    lrs: dict[str, set[float]] = {}
+    for name in OPTIMIZERS:  # one compose per optimizer (compose is slow); each job's rank set on it
+        cfg = compose_cfg("experiment=table1", f"attack={name}", *overrides)
+        assert cfg.attack.steps == steps
+        for job in (j for j in jobs if j["attack"] == name):
+            cfg.table1.lr_rank = int(job["table1.lr_rank"])
+            assert cfg.attack.optimizer.lr == cfg.lr  # the optimizer really gets it
+            lrs.setdefault(name, set()).add(cfg.lr)
+    return lrs
+
+
+def test_each_optimizer_runs_its_own_documented_grid():
+    jobs = preset_jobs()
+    assert len(jobs) == 7 * len(OPTIMIZERS) * 4
+    assert job_lrs(jobs, steps=150) == {name: documented_grid(name) for name in OPTIMIZERS}
+
+
+def test_at_paper_scale_the_preset_composes_and_every_optimizer_runs_the_papers_grid():
+    jobs = preset_jobs("scale=paper")
+    assert len(jobs) == 7 * len(OPTIMIZERS) * 3
+    assert job_lrs(jobs, "scale=paper", steps=510) == {name: {1e-6, 1e-5, 3e-5} for name in OPTIMIZERS}
+
+
+def test_an_optimizer_without_a_grid_or_a_rank_past_it_is_named():
+    with pytest.raises(ConfigError, match=r"attack=lion with experiment=table1: no learning-rate grid table1.grids.tiny.lion"):
+        validate(compose_cfg("experiment=table1", "attack=lion"))
+    with pytest.raises(ConfigError, match=r"table1.lr_rank=4: allowed 0..3 \(the adam grid at scale tiny\)"):
+        validate(compose_cfg("experiment=table1", "table1.lr_rank=4"))
+    validate(compose_cfg("experiment=table1", "attack=lion", "lr=1e-4"))  # an explicit lr needs no grid
