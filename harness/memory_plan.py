@@ -7,7 +7,8 @@ from the layers they match. Per rank, for each stage of the run (defense trainin
 
 - weights, gradients and optimizer state: P parameters of b bytes, T of them trained; sharded over W
   ranks under dist=fsdp (P·b/W, T·b/W, k·T·b/W with k states per parameter: Adam 2, SGD with momentum
-  1, Muon 1 on the matrices and AdamW's 2 on the rest, SophiaH and AdaHessian 2), whole in one process;
+  1, Muon 1 on the matrices and AdamW's 2 on the rest, SophiaH and AdaHessian 2, Lion, SignSGD and
+  Adagrad 1, MeZO and SGLD none; MeZO keeps no gradients or activations), whole in one process;
 - FSDP's working set: two decoder blocks gathered at a time (the current one and the prefetched next),
   their gradients in backward, and the root (embeddings, final norm, head) gathered for the whole step;
 - activations saved for backward, per token of the micro-batch (this rank's rows × data.max_length):
@@ -20,8 +21,10 @@ from the layers they match. Per rank, for each stage of the run (defense trainin
   adversary (its AdamW state, a saved θ and the meta-gradient), RepNoise's logit lens (2V per layer),
   ELM's erase target (4V per forget token).
 
-Under dist=fsdp every rank also keeps the plain model whole in host memory (P·b), reported apart
-(with dist.cpu_offload the shards, gradients and optimizer state move there too; not counted).
+The attack and evaluation stages count the defended model in SpecDef's release dtype (defense.dtype,
+float32 at paper scale over the bfloat16 release of Llama-3.1-8B-Instruct). Under dist=fsdp every rank
+also keeps the plain model whole in host memory (P·b), reported apart (with dist.cpu_offload the
+shards, gradients and optimizer state move there too; not counted).
 These are estimates (within 25 % of measured memory on the tiny model: tests/test_distributed.py);
 the run is refused when the largest stage exceeds the usable share of a device.
 """
@@ -42,7 +45,8 @@ USABLE = 0.90                   # of a device's memory: the allocator's fragment
 CUDA_RESERVED = 2 * GiB         # CUDA context, NCCL buffers and cuBLAS workspaces on each GPU
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # optimizer states per trained parameter, by the class name of attack.optimizer._target_
-STATES = {"Adam": 2, "AdamW": 2, "SGD": 1, "Muon": 1, "SophiaH": 2, "AdaHessian": 2}
+STATES = {"Adam": 2, "AdamW": 2, "SGD": 1, "Muon": 1, "SophiaH": 2, "AdaHessian": 2, "Lion": 1, "SignSGD": 1,
+          "Adagrad": 1, "ScheduleFreeAdamW": 2, "MeZO": 0, "SGLD": 0}
 SECOND_ORDER = ("SophiaH", "AdaHessian")
 MAX_RANKS = 4096
 
@@ -220,17 +224,18 @@ class Costs:
     checkpointing: bool
     offload: bool
     seq: int
+    dtype_bytes: int        # of the weights in this stage (SpecDef may store the defended model wider)
 
     def weights(self, params: float) -> float:
         on_device = 0 if self.offload else params / self.ranks
-        return on_device * self.shape.dtype_bytes
+        return on_device * self.dtype_bytes
 
     def working_set(self, trained: bool) -> float:
         """FSDP's gathered blocks and root (and their gradients when trained); nothing in one process."""
         if not self.sharded:
             return 0.0
         gathered = 2 * self.shape.block_params + self.shape.root_params
-        return gathered * self.shape.dtype_bytes * (2 if trained else 1)
+        return gathered * self.dtype_bytes * (2 if trained else 1)
 
     def rows(self, batch: int) -> int:
         return math.ceil(batch / self.ranks) if self.sharded else batch
@@ -281,10 +286,23 @@ def attack_stage(cfg, shape: Shape, c: Costs, specdef_params: int) -> Stage:
         states = STATES.get(optimizer, 2) * trained * (1 if momentum else 0)
     double = optimizer in SECOND_ORDER or bool(attack.get("second_order"))
     extra = shape.hidden if specdef_params and not attack.get("undo") else 0
+    if _forward_only(attack.optimizer):  # MeZO: no gradients, forward passes without a graph (logits only)
+        gradients, activations = 0.0, c.per_token(attack.batch_size, 2 * shape.vocab)
+    else:
+        gradients = c.weights(trained)
+        activations = c.activations(attack.batch_size, extra_per_block=extra, double_backward=double)
     return Stage(f"attack: {attack.name}{' + lora' if peft is not None else ''}", {
-        "weights": c.weights(params), "gradients": c.weights(trained),
-        "optimizer": c.weights(states), "fsdp gathered": c.working_set(True),
-        "activations": c.activations(attack.batch_size, extra_per_block=extra, double_backward=double)})
+        "weights": c.weights(params), "gradients": gradients, "optimizer": c.weights(states),
+        "fsdp gathered": c.working_set(not _forward_only(attack.optimizer)), "activations": activations})
+
+
+def _forward_only(optimizer) -> bool:
+    """A zeroth-order optimizer (class attribute `forward_only`, e.g. attacks.mezo.MeZO)."""
+    try:
+        from hydra.utils import get_class
+        return bool(getattr(get_class(str(optimizer._target_)), "forward_only", False))
+    except Exception:  # noqa: BLE001 - an unknown class fails at instantiation with Hydra's own message
+        return False
 
 
 def defense_stages(defense, shape: Shape, c: Costs, name: str = "") -> list[Stage]:
@@ -295,7 +313,8 @@ def defense_stages(defense, shape: Shape, c: Costs, name: str = "") -> list[Stag
         if base is None:
             return []
         from specdef.defense import load_base_config
-        return defense_stages(load_base_config(base, defense.get("base_overrides")), shape, c, "specdef over ")
+        base_cfg = load_base_config(base, defense.get("base_overrides"), defense.get("base_scale"))
+        return defense_stages(base_cfg, shape, c, "specdef over ")
     if kind in ("NoDefense", ""):
         return []
     p = shape.params
@@ -348,21 +367,34 @@ def plan(cfg, ranks: int | None = None, device_memory: float | None = None, devi
     if device_memory is None:
         device_memory = _device_memory(cfg, label)
     specdef_params = sum(out * out for out in specdef_widths(shape, cfg.defense))
+    defended_bytes = _defended_dtype_bytes(cfg.defense, shape)
 
     def stages(w: int, fsdp: bool) -> list[Stage]:
-        c = Costs(shape, w, fsdp, fsdp and bool(cfg.dist.get("activation_checkpointing", False)),
-                  fsdp and bool(cfg.dist.get("cpu_offload", False)), seq or int(cfg.data.max_length))
-        out = defense_stages(cfg.defense, shape, c) + [attack_stage(cfg, shape, c, specdef_params),
-                                                      evaluation_stage(cfg, shape, c, specdef_params)]
+        def costs(dtype_bytes: int) -> Costs:
+            return Costs(shape, w, fsdp, fsdp and bool(cfg.dist.get("activation_checkpointing", False)),
+                         fsdp and bool(cfg.dist.get("cpu_offload", False)), seq or int(cfg.data.max_length),
+                         dtype_bytes)
+        before, after = costs(shape.dtype_bytes), costs(defended_bytes)
+        out = defense_stages(cfg.defense, shape, before)
         for stage in out if fsdp else ():
-            stage.host = (shape.params + specdef_params) * shape.dtype_bytes
-        return out
+            stage.host = shape.params * shape.dtype_bytes
+        attacked = [attack_stage(cfg, shape, after, specdef_params), evaluation_stage(cfg, shape, after, specdef_params)]
+        for stage in attacked if fsdp else ():
+            stage.host = (shape.params + specdef_params) * defended_bytes
+        return out + attacked
 
     result = Plan(ranks, sharded, device_memory, label, stages(ranks, sharded), shardable=_shardable(cfg))
     if result.shardable:
         result.min_ranks = next((w for w in range(1, MAX_RANKS + 1)
                                  if Plan(w, True, device_memory, label, stages(w, True)).fits), None)
     return result
+
+
+def _defended_dtype_bytes(defense, shape: Shape) -> int:
+    """Bytes per weight of the model the attack gets: SpecDef's release dtype (defense.dtype, e.g.
+    float32 at paper scale over a bfloat16 model), else the loaded model's."""
+    dtype = defense.get("dtype") if str(defense.get("_target_", "")).startswith("specdef.") else None
+    return DTYPE_BYTES[dtype] if dtype in DTYPE_BYTES else shape.dtype_bytes
 
 
 def _shardable(cfg) -> bool:
