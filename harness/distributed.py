@@ -352,6 +352,16 @@ def shard(model: nn.Module) -> nn.Module:
     return twin
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights a forward pass left behind (the root keeps its own from forward to
+    backward): an optimizer that changes the weights between forward passes without a backward (MeZO)
+    must make the next forward gather them again. In one process: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def frozen(model: nn.Module) -> nn.Module:
     """A sharded copy of `model` that never trains (a defense's reference model): every rank holds
     only its shards, and its forward passes gather one block at a time."""

@@ -139,7 +139,9 @@ def _closure_step(model, step_batches, loss_fn: LossFn, optimizer) -> float:
     at two perturbations) and returns the loss it reports."""
     def closure() -> torch.Tensor:
         with torch.no_grad():  # dist=fsdp: the sum of the ranks' shares, so every rank steps alike
-            return distributed.global_sum(sum(loss_fn(model, b) for b in step_batches) / len(step_batches))
+            loss = distributed.global_sum(sum(loss_fn(model, b) for b in step_batches) / len(step_batches))
+        distributed.reshard(model)  # the optimizer moves the weights before the next forward
+        return loss
     return float(optimizer.step(closure))
 
 

@@ -4,7 +4,7 @@
 `torchrun --nproc-per-node=2 -m tests.dist_worker OUT dist=fsdp` (one launch for every check: starting
 the ranks costs more than the checks). Scenarios:
 - the pretrained tiny model with SpecDef in every block: evaluated, fine-tuned with Adam (sharded also
-  with activation checkpointing), with LoRA and with Muon, unlearned with NPO (a reference model);
+  with activation checkpointing), with LoRA, Muon, SGLD and MeZO, unlearned with NPO (a reference model);
 - the other training-based defenses (RMU, RepNoise, ELM, TAR) on the plain tiny model, as the pipeline
   runs them before SpecDef;
 - tiny random GPT-2 and Mixtral models with SpecDef's default layers (a Conv1D; an MoE experts module
@@ -146,7 +146,9 @@ def scenarios(out: Path, *overrides: str) -> dict:
 
     attacks = {"adam": compose_cfg(*ATTACK, "attack=adam", *overrides),
                "lora": compose_cfg(*ATTACK, "attack=adam", "attack/peft=lora", LORA_TARGETS, *overrides),
-               "muon": compose_cfg(*ATTACK, "attack=muon", *overrides)}
+               "muon": compose_cfg(*ATTACK, "attack=muon", *overrides),
+               "sgld": compose_cfg(*ATTACK, "attack=sgld", *overrides),     # seeded noise on every weight
+               "mezo": compose_cfg(*ATTACK, "attack=mezo", *overrides)}     # forward passes only
     for name, cfg in attacks.items():
         keep(name, *attack(cfg, tiny_path, data))
     for name, defense_overrides in DEFENSES.items():

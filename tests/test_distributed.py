@@ -62,11 +62,12 @@ def _weights(launch, name: str, one_process_name: str | None = None):
 
 @pytest.mark.parametrize("name, one_process", [("adam", "adam"), ("lora", "lora"), ("npo", "npo"),
                                                ("gpt2", "gpt2"), ("mixtral", "mixtral"),
-                                               ("adam_checkpointed", "adam")])
+                                               ("adam_checkpointed", "adam"), ("sgld", "sgld"), ("mezo", "mezo")])
 def test_two_ranks_train_like_one_process(launch, name, one_process):
     """Adam, LoRA and NPO (a reference model) on the tiny model with SpecDef in every block, Adam on tiny
-    GPT-2 (SpecDef on Conv1D) and Mixtral (SpecDef on MoE experts), and Adam with activation
-    checkpointing: the 2-rank run's losses and final weights equal the 1-process run's within 1e-5."""
+    GPT-2 (SpecDef on Conv1D) and Mixtral (SpecDef on MoE experts), Adam with activation checkpointing,
+    SGLD and MeZO (seeded noise: each rank keeps its shard of one process's draw): the 2-rank run's
+    losses and final weights equal the 1-process run's within 1e-5."""
     one, two = launch["one"][one_process], launch["two"][name]
     assert len(two) == len(one) == 3
     assert _relative(two, one) < 1e-5
