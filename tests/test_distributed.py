@@ -189,7 +189,8 @@ def test_paper_scale_asks_slurm_for_the_gpus_its_plan_needs():
     job of experiment=table1 fits (benchmarks/memory_plan.py prints the table), one task per GPU."""
     from benchmarks.memory_plan import _compose, sweep_gpus
     cfg = _compose(["scale=paper"])
-    assert cfg.dist.name == "fsdp" and cfg.model.dtype == "float32"
+    assert cfg.dist.name == "fsdp" and cfg.dist.activation_checkpointing
+    assert _compose(["scale=paper", "defense=specdef"]).defense.dtype == "float32"  # the plan counts it so
     launcher = cfg.hydra.launcher
     rows = sweep_gpus("scale=paper", attacks=["adam"])  # Adam keeps the most state of the first-order attacks
     assert launcher.gpus_per_node == launcher.tasks_per_node == max(r["min_gpus"] for r in rows)
