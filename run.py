@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
 from harness.objective import constrained_objective
-from harness.pipeline import run
+from harness.pipeline import run, show_plan
 
 log = logging.getLogger("run")
 
@@ -19,6 +19,9 @@ def main(cfg: DictConfig) -> float:
     """Returns the attacker's constrained objective (harness/objective.py): the post-attack hazard
     accuracy, minus a penalty when the attack broke the model; a sweeper maximises it."""
     try:
+        if cfg.plan:
+            show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record
+            return None
         record = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, InstantiationException) as e:
         # a ConfigError raised while Hydra builds a defense or attack arrives wrapped

@@ -4,6 +4,12 @@ A checkpoint folder holds the model weights (safetensors), the optimizer and sch
 torch RNG state (`torch.save`, read back with `weights_only=True`), and `meta.json` (step, trajectory,
 losses, timing). It is written to a temporary folder and renamed over the previous one, so a kill at
 any moment leaves either the old checkpoint or the new one, never a mixture.
+
+Under dist=fsdp the weights and optimizer states are sharded: every rank writes its shards through
+`torch.distributed.checkpoint` (folder `sharded/`, loadable by any number of ranks), rank 0 writes the
+rest and renames the folder once every rank's shards are on disk. A run resumes only from a
+checkpoint written the same way (sharded or not); DCP reads its own metadata with pickle, so resume
+only from checkpoint folders your own runs wrote.
 """
 from __future__ import annotations
 
@@ -14,11 +20,15 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from harness import distributed
 from harness.record import write_json_atomic
 
 log = logging.getLogger(__name__)
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
 
 
 class AttackCheckpoint:
@@ -32,29 +42,46 @@ class AttackCheckpoint:
         return self.folder is not None and step % self.every == 0
 
     def save(self, step: int, model, optimizers, schedulers, meta: dict) -> None:
-        tmp = self.folder.with_name(f"{self.folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-        torch.save({"optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers],
-                    "rng": torch.get_rng_state()}, tmp / "state.pt")
-        write_json_atomic(tmp / "meta.json", {"step": step, **meta})
-        old = self.folder.with_name(f"{self.folder.name}.old{os.getpid()}")
-        if self.folder.exists():
-            self.folder.rename(old)
-        tmp.rename(self.folder)
-        shutil.rmtree(old, ignore_errors=True)
+        pid = distributed.broadcast(os.getpid())  # one temporary folder for all ranks
+        tmp = self.folder.with_name(f"{self.folder.name}.tmp{pid}")
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        if distributed.active():
+            dcp.save(_sharded_state(model, optimizers), checkpoint_id=tmp / SHARDED)  # returns once all ranks wrote
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        if distributed.is_main():
+            optimizer_states = [] if distributed.active() else [o.state_dict() for o in optimizers]
+            torch.save({"optimizers": optimizer_states, "schedulers": [s.state_dict() for s in schedulers],
+                        "rng": torch.get_rng_state()}, tmp / "state.pt")
+            write_json_atomic(tmp / "meta.json", {"step": step, "sharded": distributed.active(), **meta})
+            old = self.folder.with_name(f"{self.folder.name}.old{pid}")
+            if self.folder.exists():
+                self.folder.rename(old)
+            tmp.rename(self.folder)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
 
     def load(self, model, optimizers, schedulers) -> dict | None:
         """Restore the states in place and return the saved meta (with `step`), or None."""
         if self.folder is None or not (self.folder / "meta.json").is_file():
             return None
         meta = json.loads((self.folder / "meta.json").read_text())
-        load_model(model, str(self.folder / "model.safetensors"))
+        if meta.get("sharded", False) != distributed.active():
+            log.warning("attack checkpoint %s was written with dist=%s, this run has dist=%s: starting the attack "
+                        "over", self.folder, *(("fsdp", "none") if meta.get("sharded") else ("none", "fsdp")))
+            return None
         state = torch.load(self.folder / "state.pt", weights_only=True)
-        for opt, saved in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(saved)
+        if distributed.active():
+            sharded = _sharded_state(model, optimizers)
+            dcp.load(sharded, checkpoint_id=self.folder / SHARDED)
+            set_state_dict(model, optimizers, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
+        else:
+            load_model(model, str(self.folder / "model.safetensors"))
+            for opt, saved in zip(optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(saved)
         for sched, saved in zip(schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
@@ -62,5 +89,11 @@ class AttackCheckpoint:
         return meta
 
     def clear(self) -> None:
-        if self.folder is not None:
+        if self.folder is not None and distributed.is_main():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sharded_state(model, optimizers) -> dict:
+    """The model's and optimizers' sharded state dicts, as torch.distributed.checkpoint saves and loads them."""
+    model_state, optim_state = get_state_dict(model, optimizers)
+    return {"model": model_state, "optim": optim_state}

@@ -20,6 +20,7 @@ import torch
 from attacks.optimizers import build_optimizers, current_lr, needs_double_backward, trainable as trainable_params
 from attacks.partial import apply as apply_partial, check_patterns
 from attacks.checkpoint import AttackCheckpoint
+from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
 from harness.interfaces import AttackResult
@@ -230,6 +231,13 @@ class Relearn:
         torch.manual_seed(self.seed)
         self.check_start(start)
         model = self.prepare(model)
+        # dist=fsdp: fine-tune a sharded twin (the attacked weights are not needed afterwards)
+        with distributed.sharded(model, write_back=False) as model:
+            return self.fine_tune(model, tokenizer, data, evaluator, start=start, threshold=threshold,
+                                  on_eval=on_eval, checkpoint_dir=checkpoint_dir)
+
+    def fine_tune(self, model, tokenizer, data, evaluator, *, start: dict, threshold: float | None,
+                  on_eval: Callable[[dict], None] | None, checkpoint_dir) -> AttackResult:
         source, splits = self.data["source"], list(self.data.get("splits") or [])
         texts = relearn_texts(data, source, splits, self.data.get("n_samples"), self.seed)
         tasks = split_tasks(data.hazard_tasks, set(splits) if source == "forget" else set())

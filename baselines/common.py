@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
 from harness.train import LoopResult
@@ -25,7 +26,9 @@ from harness.train import LoopResult
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy in eval mode with no trainable parameters: the reference/frozen model of RMU,
-    NPO, ELM's consistency generator and TAR's representation anchor."""
+    NPO, ELM's consistency generator and TAR's representation anchor (dist=fsdp: sharded too)."""
+    if distributed.active():
+        return distributed.frozen(model)
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ref
@@ -139,9 +142,10 @@ def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float =
 # ---------------------------------------------------------------------------------------------
 
 def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of per-token `values` (B, T) over positions where `mask` (B, T) is true."""
+    """Mean of per-token `values` (B, T) over positions where `mask` (B, T) is true (dist=fsdp: this
+    rank's share of the mean over the global batch, as in every reduction here)."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+    return (values * mask).sum() / distributed.global_sum(mask.sum()).clamp_min(1)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +166,7 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over the batch's real tokens (what `model(labels=...).loss` is)."""
     nll, valid = token_nll(logits, labels)
-    return nll.sum() / valid.sum().clamp_min(1)
+    return nll.sum() / distributed.global_sum(valid.sum()).clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,14 +174,15 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 class TermLog:
-    """The latest value of each named loss term, for the progress bar and `info`."""
+    """The latest value of each named loss term, for the progress bar and `info` (dist=fsdp: the sum
+    of the ranks' shares, i.e. the term on the global batch)."""
 
     def __init__(self):
         self.last: dict[str, float] = {}
 
     def __call__(self, **terms: torch.Tensor | float) -> None:
         for k, v in terms.items():
-            self.last[k] = float(v.detach()) if torch.is_tensor(v) else float(v)
+            self.last[k] = distributed.sum_over_ranks(float(v.detach()) if torch.is_tensor(v) else float(v))
 
 
 def run_info(t0: float, results: dict[str, LoopResult], terms: TermLog, **extra) -> dict:

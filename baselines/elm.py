@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from baselines.common import (TermLog, adamw, check_layer_ids, forget_texts, mean_nll, run_info, zip_batches)
+from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
 from harness.train import train_loop
@@ -111,7 +112,7 @@ def erase_target(logp: torch.Tensor, logp_expert: torch.Tensor, logp_novice: tor
 def soft_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real positions of −Σ_v target_v log softmax(logits)_v."""
     ce = -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-    return (ce * mask).sum() / mask.sum().clamp_min(1)
+    return (ce * mask).sum() / distributed.global_sum(mask.sum()).clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +270,11 @@ class ELM:
         self.rng = random.Random(self.seed)
         forget = forget_texts(data, self.forget_splits)
         was_training = {n: p.requires_grad for n, p in model.named_parameters()}
-        seqs = self.consistency_data(model.eval(), tokenizer, forget, data.max_length)
+
+        def sample_consistency():
+            with distributed.on_device(model):  # dist=fsdp: the plain model samples on the GPU
+                return self.consistency_data(model.eval(), tokenizer, forget, data.max_length)
+        seqs = distributed.on_main(sample_consistency)  # dist=fsdp: rank 0 samples once for every rank
         config = LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                             target_modules=ATTN_MLP, layers_to_transform=self.lora_layers, bias="none",
                             task_type="CAUSAL_LM")
@@ -279,10 +284,11 @@ class ELM:
             "retain": batch_iterator(tokenizer, data.retain, self.batch_size, data.max_length, self.seed + 1),
             "consistency": consistency_batches(seqs, self.batch_size, tokenizer.pad_token_id, self.seed + 2),
         }, model.device)
-        params = [p for p in peft_model.parameters() if p.requires_grad]  # the LoRA factors only
         terms = TermLog()
-        result = train_loop(peft_model, batches, lambda m, b: self.loss(m, terms, b), [adamw(params, self.lr)],
-                            steps=self.steps, desc="defense elm")
+        with distributed.sharded(peft_model) as trained:  # dist=fsdp: a sharded twin, written back at the end
+            params = [p for p in trained.parameters() if p.requires_grad]  # the LoRA factors only
+            result = train_loop(trained, batches, lambda m, b: self.loss(m, terms, b), [adamw(params, self.lr)],
+                                steps=self.steps, desc="defense elm")
         model = peft_model.merge_and_unload()
         for n, p in model.named_parameters():  # peft froze the base weights; give them back
             p.requires_grad_(was_training.get(n, True))

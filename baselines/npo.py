@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from baselines.common import (TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy,
                               mean_nll, run_info, sequence_nll)
+from harness import distributed
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def npo_loss(nll: torch.Tensor, nll_ref: torch.Tensor, beta: float) -> torch.Tensor:
     """(2/β) · mean log(1 + (π_θ/π_ref)^β) from summed sequence NLLs (B,) of the model and the reference."""
-    return -(2.0 / beta) * F.logsigmoid(beta * (nll - nll_ref)).mean()
+    return -(2.0 / beta) * distributed.batch_mean(F.logsigmoid(beta * (nll - nll_ref)))
 
 
 class NPO:
@@ -67,7 +68,7 @@ class NPO:
                                    f["labels"])
         forget = npo_loss(nll, nll_ref, self.beta)
         retain = mean_nll(model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
-        terms(npo=forget, retain_nll=retain, forget_nll_gain=(nll - nll_ref).mean())
+        terms(npo=forget, retain_nll=retain, forget_nll_gain=distributed.batch_mean(nll - nll_ref))
         return self.npo_coeff * forget + self.retain_coeff * retain
 
     def __call__(self, model, tokenizer, data):
@@ -77,13 +78,14 @@ class NPO:
         forget = forget_texts(data, self.forget_splits)
         batches = forget_retain_batches(tokenizer, forget, data.retain, self.batch_size, data.max_length,
                                         self.seed, model.device)
-        opt = adamw([p for p in model.parameters() if p.requires_grad], self.lr, self.weight_decay)
         warmup = self.warmup_steps(len(forget))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", warmup, self.steps))
         terms = TermLog()
-        result = train_loop(model, batches, lambda m, b: self.loss(m, ref, terms, b), [opt], schedulers=[sched],
-                            steps=self.steps, grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm,
-                            desc="defense npo")
+        with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end
+            opt = adamw([p for p in trained.parameters() if p.requires_grad], self.lr, self.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", warmup, self.steps))
+            result = train_loop(trained, batches, lambda m, b: self.loss(m, ref, terms, b), [opt],
+                                schedulers=[sched], steps=self.steps, grad_accum=self.grad_accum,
+                                max_grad_norm=self.max_grad_norm, desc="defense npo")
         self.info = run_info(t0, {"train": result}, terms, warmup_steps=warmup)
         log.info("npo: %s", self.info)
         return model

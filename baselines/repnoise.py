@@ -22,6 +22,7 @@ import torch
 
 from baselines.common import (TermLog, adamw, capture_outputs, decoder_layers, forget_retain_batches,
                               forget_texts, logit_lens, mean_nll, run_info)
+from harness import distributed
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,12 @@ class RepNoise:
         with capture_outputs([l.mlp for l in layers] + list(layers)) as out:
             model(input_ids=f["input_ids"], attention_mask=f["attention_mask"])
         mlp_acts, hiddens = out[:len(layers)], out[len(layers):]
-        noise = noise_term(mlp_acts, f["attention_mask"].bool())
+        # dist=fsdp: the MMD couples the rows of the batch and the ascent is a log of a mean, so both
+        # are computed whole on every rank (gathered rows, summed shares) and each rank keeps its share
+        rows = distributed.gather_rows
+        noise = distributed.share(noise_term([rows(a) for a in mlp_acts], rows(f["attention_mask"]).bool()))
         lens = [mean_nll(logit_lens(model, h), f["labels"]) for h in hiddens]
-        ascent = ascent_term(lens)
+        ascent = distributed.share(ascent_term([distributed.total(c) for c in lens]))
         retain = mean_nll(model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
         terms(retain_ce=retain, mmd=noise, forget_lens_ce=torch.stack(lens).mean())
         return retain + self.beta * noise - self.alpha * ascent
@@ -90,13 +94,14 @@ class RepNoise:
         torch.manual_seed(self.seed)
         batches = forget_retain_batches(tokenizer, forget_texts(data, self.forget_splits), data.retain,
                                         self.batch_size, data.max_length, self.seed, model.device)
-        opt = adamw([p for p in model.parameters() if p.requires_grad], self.lr)
-        # the original: cosine schedule with 10 % warm-up
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda("cosine", int(self.warmup_ratio * self.steps), self.steps))
         terms = TermLog()
-        result = train_loop(model, batches, lambda m, b: self.loss(m, terms, b), [opt], schedulers=[sched],
-                            steps=self.steps, desc="defense repnoise")
+        with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end
+            opt = adamw([p for p in trained.parameters() if p.requires_grad], self.lr)
+            # the original: cosine schedule with 10 % warm-up
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda("cosine", int(self.warmup_ratio * self.steps), self.steps))
+            result = train_loop(trained, batches, lambda m, b: self.loss(m, terms, b), [opt], schedulers=[sched],
+                                steps=self.steps, desc="defense repnoise")
         self.info = run_info(t0, {"train": result}, terms)
         log.info("repnoise: %s", self.info)
         return model

@@ -20,6 +20,7 @@ import torch
 
 from baselines.common import (RETAIN_CORPORA, TermLog, adamw, capture_outputs, check_layer_ids, decoder_layers,
                               forget_retain_batches, forget_texts, frozen_copy, only_train, run_info)
+from harness import distributed
 from harness.errors import ConfigError
 from harness.train import train_loop
 
@@ -37,7 +38,7 @@ def forget_term(h: torch.Tensor, mask: torch.Tensor, control: torch.Tensor) -> t
     """Mean over real tokens and hidden units of (h − c·u)²."""
     sq = (h - control.to(h)) ** 2                       # (B, T, d)
     m = mask.unsqueeze(-1).to(sq.dtype)
-    return (sq * m).sum() / (m.sum() * h.shape[-1]).clamp_min(1)
+    return (sq * m).sum() / (distributed.global_sum(m.sum()) * h.shape[-1]).clamp_min(1)
 
 
 def retain_term(h: torch.Tensor, h_frozen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -83,15 +84,16 @@ class RMU:
         gen = torch.Generator().manual_seed(self.seed)
         control = control_vector(model.config.hidden_size, self.steering_coef, gen)
         frozen = frozen_copy(model)
-        layers = decoder_layers(model)
-        params = [layers[i].mlp.down_proj.weight for i in self.param_layers]
         retain = getattr(data, self.retain_corpus)
         batches = forget_retain_batches(tokenizer, forget_texts(data, self.forget_splits), retain,
                                         self.batch_size, data.max_length, self.seed, model.device)
         terms = TermLog()
-        with only_train(model, params):
-            result = train_loop(model, batches, lambda m, b: self.loss(m, frozen, control, terms, b),
-                                [adamw(params, self.lr)], steps=self.steps, desc="defense rmu")
+        with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end
+            layers = decoder_layers(trained)
+            params = [layers[i].mlp.down_proj.weight for i in self.param_layers]
+            with only_train(trained, params):
+                result = train_loop(trained, batches, lambda m, b: self.loss(m, frozen, control, terms, b),
+                                    [adamw(params, self.lr)], steps=self.steps, desc="defense rmu")
         self.info = run_info(t0, {"train": result}, terms, trained_params=len(params))
         log.info("rmu: %s", self.info)
         return model

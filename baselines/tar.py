@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from baselines.common import (TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy, mean_nll,
                               run_info, to_device)
+from harness import distributed
 from harness.batches import batch_iterator
 from harness.train import lm_loss, lr_lambda, train_loop
 
@@ -49,14 +50,16 @@ log = logging.getLogger(__name__)
 def random_mapping_term(hiddens: Sequence[torch.Tensor], targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over hidden states of the mean over real tokens of 1 − |cos(h_t, r_t)|; targets (B, T, d)."""
     m = mask.to(hiddens[0].dtype)
-    per_layer = [((1 - F.cosine_similarity(h, targets, dim=-1).abs()) * m).sum() / m.sum() for h in hiddens]
+    n = distributed.global_sum(m.sum())  # dist=fsdp: this rank's share of the mean over the global batch
+    per_layer = [((1 - F.cosine_similarity(h, targets, dim=-1).abs()) * m).sum() / n for h in hiddens]
     return torch.stack(per_layer).mean()
 
 
 def representation_term(hiddens: Sequence[torch.Tensor], base: Sequence[torch.Tensor], mask: torch.Tensor):
     """Mean over hidden states of the mean over real tokens of ‖h_t − h_base,t‖₂."""
     m = mask.to(hiddens[0].dtype)
-    per_layer = [((h - b).norm(dim=-1) * m).sum() / m.sum() for h, b in zip(hiddens, base)]
+    n = distributed.global_sum(m.sum())
+    per_layer = [((h - b).norm(dim=-1) * m).sum() / n for h, b in zip(hiddens, base)]
     return torch.stack(per_layer).mean()
 
 
@@ -65,9 +68,9 @@ def negative_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> 
     logp = F.log_softmax(logits.float(), dim=-1)
     neg_h = (logp.exp() * logp).sum(-1)
     if mask is None:
-        return neg_h.mean()
+        return distributed.batch_mean(neg_h)
     m = mask.to(neg_h.dtype)
-    return (neg_h * m).sum() / m.sum()
+    return (neg_h * m).sum() / distributed.global_sum(m.sum())
 
 
 def inner_weight(i: int, k: int, schedule_lambda: float) -> float:
@@ -77,8 +80,10 @@ def inner_weight(i: int, k: int, schedule_lambda: float) -> float:
 
 def attach_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]):
     """`loss` with the same value but d/dθ increased by `grads`: adds Σ⟨θ, g⟩ − Σ⟨θ, g⟩.detach().
-    This is how a precomputed (meta-)gradient rides through train_loop's single backward."""
-    surrogate = sum((p * g).sum() for p, g in zip(params, grads))
+    This is how a precomputed (meta-)gradient rides through train_loop's single backward. Under
+    dist=fsdp each rank adds its shard of the gradient to its shard of θ, outside the reduction."""
+    local = distributed.local_tensor
+    surrogate = sum((local(p) * local(g)).sum() for p, g in zip(params, grads))
     return loss + surrogate - surrogate.detach()
 
 
@@ -128,6 +133,7 @@ class TAR:
     def tamper_resistance_grads(self, model, params, adversary: Iterator[dict], heldout: dict,
                                 rng: random.Random) -> tuple[list[torch.Tensor], list[float]]:
         """Run one sampled adversary from the current θ, collect the weighted ∇L_TR, restore θ."""
+        heldout = distributed.local_part(heldout)  # dist=fsdp: this rank's rows
         saved = [p.detach().clone() for p in params]
         grads = [torch.zeros_like(p) for p in params]
         tr_losses: list[float] = []
@@ -139,8 +145,11 @@ class TAR:
             tr = negative_entropy(model(input_ids=heldout["input_ids"], attention_mask=heldout["attention_mask"]).logits,
                                   heldout["attention_mask"].bool())
             weight = self.tr_grad_scale * inner_weight(step - 1, k, self.schedule_lambda)
-            for acc, g in zip(grads, torch.autograd.grad(tr, params)):
-                acc.add_(g, alpha=weight)
+            # backward rather than autograd.grad: a sharded θ gets its gradient from FSDP's reduction
+            tr.backward()
+            for acc, p in zip(grads, params):
+                acc.add_(p.grad, alpha=weight)
+                p.grad = None  # the adversary's next step starts from its own gradient only
             tr_losses.append(float(tr.detach()))
             return False
 
@@ -176,8 +185,15 @@ class TAR:
         n_heldout = max(1, int(self.heldout_fraction * len(forget)))
         heldout_texts, adversary_texts = shuffled[:n_heldout], shuffled[n_heldout:] or shuffled
         terms = TermLog()
-        rm = self.random_mapping(model, tokenizer, data, forget, terms)
+        with distributed.sharded(model) as trained:  # dist=fsdp: a sharded twin, written back at the end
+            rm = self.random_mapping(trained, tokenizer, data, forget, terms)
+            meta = self.meta_learning(trained, base, tokenizer, data, heldout_texts, adversary_texts, rng, terms)
+        self.info = run_info(t0, {"random_mapping": rm, "meta": meta}, terms)
+        log.info("tar: %s", self.info)
+        return model
 
+    def meta_learning(self, model, base, tokenizer, data, heldout_texts: list[str], adversary_texts: list[str],
+                      rng: random.Random, terms: TermLog):
         params = [p for p in model.parameters() if p.requires_grad]
         device = model.device
         adversary = (to_device(b, device) for b in batch_iterator(
@@ -188,9 +204,6 @@ class TAR:
             tokenizer, data.retain, self.batch_size, data.max_length, self.seed + 4))
         opt = adamw(params, self.outer_lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", self.warmup_steps, self.outer_steps))
-        meta = train_loop(model, retain,
+        return train_loop(model, retain,
                           lambda m, b: self.outer_loss(m, base, params, adversary, heldout, rng, terms, b),
                           [opt], schedulers=[sched], steps=self.outer_steps, desc="defense tar: meta")
-        self.info = run_info(t0, {"random_mapping": rm, "meta": meta}, terms)
-        log.info("tar: %s", self.info)
-        return model

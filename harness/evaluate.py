@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from harness import distributed
 from harness.batches import encode_batches, perplexity
 from harness.errors import ConfigError
 
@@ -317,8 +318,12 @@ def model_fingerprint(model: torch.nn.Module, max_full_bytes: int = FULL_HASH_MA
     h.update("|".join(type(m).__name__ for m in model.modules()).encode())
     for name, t in state.items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = distributed.local_tensor(t)  # a sharded model: this rank's shard; the ranks' digests are joined below
         h.update(_tensor_bytes(t) if full else _sampled_digest(t))
-    return ("full:" if full else "sampled:") + h.hexdigest()
+    digest = h.hexdigest()
+    if distributed.is_sharded(model):
+        digest = hashlib.blake2b("".join(distributed.gather_objects(digest)).encode(), digest_size=16).hexdigest()
+    return ("full:" if full else "sampled:") + digest
 
 
 def _texts_digest(texts: Sequence[str]) -> str:
@@ -493,7 +498,10 @@ class Evaluator:
         if key in self._memo:
             self._memo.move_to_end(key)
             return dict(self._memo[key])
-        metrics = self.evaluate(model)
+        # dist=fsdp: every rank runs every forward pass on the sharded model, so each gets the metrics
+        # one process would (lm-eval sees one process); a plain model gets a sharded twin for it
+        with distributed.sharded(model, write_back=False) as model:
+            metrics = self.evaluate(model)
         self._memo[key] = dict(metrics)
         if len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)

@@ -62,8 +62,10 @@ def tiny_spec(cfg) -> tiny.TinySpec:
     return tiny.TinySpec(**spec)
 
 
-def load_model(cfg, data_cfg, data, cache_dir: Path, attn_implementation: str | None = None):
-    """(model, tokenizer) for `cfg.model`; builds and caches the tiny model on first use."""
+def load_model(cfg, data_cfg, data, cache_dir: Path, attn_implementation: str | None = None,
+               device: str | None = None):
+    """(model, tokenizer) for `cfg.model` (on `device`, default `cfg.device`); builds and caches the tiny
+    model on first use."""
     if cfg.source == "tiny":
         if data_cfg.name != "synthetic":
             raise ConfigError(f"model=tiny with data={data_cfg.name}: the tiny model only knows the "
@@ -73,5 +75,5 @@ def load_model(cfg, data_cfg, data, cache_dir: Path, attn_implementation: str | 
     else:
         check_hub_model(cfg)
         path = cfg.path
-    return from_pretrained(path, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+    return from_pretrained(path, dtype=cfg.dtype, device=device or cfg.device, trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=attn_implementation)

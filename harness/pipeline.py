@@ -20,10 +20,11 @@ import specdef  # noqa: F401
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.partial import preflight as check_attack_patterns
+from harness import distributed, memory_plan
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
-from harness.loggers import log_run_report
+from harness.loggers import NullLogger, log_run_report
 from harness.objective import constrained_objective
 from harness.models import load_model
 from harness.tiny import verify_manifest
@@ -48,19 +49,27 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only."""
     if defense.name == "none" or not getattr(defense, "cacheable", True) or not cfg.cache_defended:
         return defense(model, tokenizer, data)
-    from specdef.release import load_defended, manifest_record, save_defended
+    from specdef.release import load_defended
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}
     parts["code"] = _defense_code_hash(defense)  # edited method code must not be served from the cache
     parts["weights"] = model_fingerprint(model)
     folder = cache_dir / "defended" / config_hash(parts)
     info_path = folder / "defense_info.json"
-    if info_path.is_file() and verify_manifest(folder) is None:
+    # rank 0 decides for all: a parallel job may complete the folder between two ranks' looks
+    if distributed.broadcast(info_path.is_file() and verify_manifest(folder) is None):
         log.info("defended model loaded from the cache %s", folder)
         # the attention kernel the run chose (eager where a second-order attack needs double backward)
         cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
         defense.info = {**json.loads(info_path.read_text()), "cached_from": str(folder)}
         return cached.to(next(model.parameters()).device)
     model = defense(model, tokenizer, data)
+    if distributed.is_main():
+        _cache_defended(model, defense, folder)
+    return model
+
+
+def _cache_defended(model, defense, folder: Path) -> None:
+    from specdef.release import manifest_record, save_defended
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_defended(model, None, tmp, record=manifest_record(defense.info))
@@ -71,7 +80,6 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
         tmp.rename(folder)
     except OSError:  # a parallel job of the sweep cached the same defense first
         shutil.rmtree(tmp, ignore_errors=True)
-    return model
 
 
 def _defense_code_hash(defense) -> str:
@@ -105,8 +113,13 @@ def print_summary(record: dict) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Execute one run and write `run_dir/result.json`; returns the record."""
+    """Execute one run and write `run_dir/result.json`; returns the record.
+
+    Under dist=fsdp every rank runs this with the same config; only rank 0 writes (record, caches,
+    logger) and prints, and every rank returns the record."""
     validate(cfg)
+    distributed.setup(cfg)
+    memory_plan.check(cfg)  # refuses a config whose per-rank memory exceeds the devices, before loading anything
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -114,28 +127,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     key = config_hash(resolved)
     stored = Path(cfg.paths.record_store).expanduser() / f"{key}.json"
     if cfg.resume:
-        done = _completed(record_path, key) or _completed(stored, key)
+        done = distributed.broadcast(_completed(record_path, key) or _completed(stored, key))
         if done is not None:
             log.info("a complete record of this config (hash %s) exists; skipping it (resume=false reruns)", key)
-            write_json_atomic(record_path, done)
-            print_summary(done)
+            if distributed.is_main():
+                write_json_atomic(record_path, done)
+                print_summary(done)
             return done
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     timings: dict = {}
-    logger = instantiate(cfg.logger)
+    logger = instantiate(cfg.logger) if distributed.is_main() else NullLogger()
     with logger:
         logger.start(resolved, run_dir)
-        with timed(timings, "data"):
+        with timed(timings, "data"), distributed.main_first():  # rank 0 builds what is cached
             data = load_data(cfg.data, cache_dir)
-        preflight(cfg.eval, data)  # a missing eval dataset stops the run here, before any model is loaded
-        with timed(timings, "load_model"):
+            preflight(cfg.eval, data)  # a missing eval dataset stops the run here, before any model is loaded
+        with timed(timings, "load_model"), distributed.main_first():
             attn = "eager" if _needs_double_backward(cfg) else None
-            model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn)
+            # dist=fsdp: the plain model stays in host memory; its shards go to each rank's device
+            device = "cpu" if distributed.active() else None
+            model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn,
+                                          device=device)
         check_attack_patterns(OmegaConf.select(cfg, "attack"), model)  # a typo stops here, not after the defense
-        evaluator = build_evaluator(cfg.eval, tokenizer, data)
+        with distributed.main_first():
+            evaluator = build_evaluator(cfg.eval, tokenizer, data)
         with timed(timings, "eval_base"):
             base = evaluator(model)
         defense = instantiate(cfg.defense)
@@ -154,7 +172,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                             checkpoint_dir=run_dir / "attack_checkpoint" / key)
         record = {
             "schema_version": SCHEMA_VERSION, "status": "complete", "config": resolved,
-            "config_hash": key, "provenance": provenance(), "seed": cfg.seed,
+            "config_hash": key, "provenance": {**provenance(), "world_size": distributed.world_size()},
+            "seed": cfg.seed,
             "timings": timings, "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final},
             "defense": {"name": defense.name, **defense.info},
             "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()},
@@ -163,11 +182,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
         logger.summary({"post_attack/hazard_acc": result.final.get("hazard_acc"),
                         "steps_to_recover": result.steps_to_recover, "diverged": result.diverged})
-        write_json_atomic(record_path, record)
-        write_json_atomic(stored, record)
+        if distributed.is_main():
+            write_json_atomic(record_path, record)
+            write_json_atomic(stored, record)
         log_run_report(logger, record, run_dir)  # the run's one-row tables and plots (no-op for logger=none)
-    print_summary(record)
+    if distributed.is_main():
+        print_summary(record)
     return record
+
+
+def show_plan(cfg: DictConfig) -> None:
+    """`plan=true`: print the memory plan of the config (after its validation); load nothing."""
+    validate(cfg)
+    report = memory_plan.plan(cfg).report()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(report, flush=True)
 
 
 def check_writable(folder: Path) -> None:

@@ -76,7 +76,9 @@ def read_record(path: Path) -> dict | None:
 
 def config_hash(resolved_cfg: dict) -> str:
     """Identity of a run: the resolved config minus fields that do not change its result."""
-    cfg = {k: v for k, v in resolved_cfg.items() if k not in ("paths", "logger", "resume", "cache_defended")}
+    # where and how it ran (dist: one process or sharded; plan) does not change the result
+    cfg = {k: v for k, v in resolved_cfg.items()
+           if k not in ("paths", "logger", "resume", "cache_defended", "dist", "plan")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -168,13 +168,7 @@ def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progr
     """Train the tiny Llama on `pretraining_texts`."""
     torch.manual_seed(spec.seed)
     tokenizer = build_tokenizer(synthetic.vocabulary(world))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-                         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
-                         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
-                         max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(model_config(spec, tokenizer))
     texts = pretraining_texts(world, spec, data_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, spec.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", spec.warmup_steps, spec.steps))
@@ -184,6 +178,16 @@ def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progr
     log.info("pretrained tiny model: %d steps, final loss %.3f, %.0f s", result.steps, result.losses[-1],
              result.train_seconds)
     return model, tokenizer, result
+
+
+def model_config(spec: TinySpec, tokenizer) -> LlamaConfig:
+    """The tiny Llama's architecture (the memory plan reads it without building the model)."""
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+                       intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+                       num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
+                       max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def pretraining_texts(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path) -> list[str]:

@@ -4,6 +4,10 @@ Pretraining the tiny model, every training-based defense (RMU, NPO, RepNoise, EL
 relearning attack call `train_loop`; they differ only in the loss function, the parameters their
 optimizers hold and the callback. Keeping one loop means gradient accumulation, second-order
 backward, clipping, timing and tokens/s mean the same thing everywhere.
+
+Under `dist=fsdp` the same loop runs on every rank with a sharded model: each rank computes its share
+of every global batch's loss on its own rows (`harness.distributed`), the logged loss is the sum of
+the shares, and `tokens` counts the global batch.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
+
+from harness import distributed
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +74,21 @@ def train_loop(model: torch.nn.Module, batches: Iterator, loss_fn: LossFn,
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     forward_only = _forward_only(optimizers)
     attention = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+    device = next(model.parameters()).device
     model.train()
-    bar = tqdm(range(start_step, steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(start_step, steps), desc=desc, disable=not progress or not distributed.is_main(),
+               leave=False, dynamic_ncols=True)
     with attention:
         for step in bar:
             t0 = time.perf_counter()
-            step_batches = [next(batches) for _ in range(grad_accum)]
+            step_batches = [next(batches) for _ in range(grad_accum)]  # global batches
             result.tokens += sum(_count_tokens(b) for b in step_batches)
+            # under dist=fsdp this rank trains on its rows; the ranks' shares add up to the batch's loss
+            local = [distributed.local_part(b, device) for b in step_batches]
             if forward_only:
-                loss_sum = _closure_step(model, step_batches, loss_fn, optimizers[0])
+                loss_sum = _closure_step(model, local, loss_fn, optimizers[0])
             else:
-                loss_sum = _accumulate_gradients(model, step_batches, loss_fn, create_graph)
+                loss_sum = distributed.sum_over_ranks(_accumulate_gradients(model, local, loss_fn, create_graph))
             if not math.isfinite(loss_sum):
                 result.nonfinite_step = step + 1
                 _zero(optimizers)
@@ -128,8 +138,10 @@ def _closure_step(model, step_batches, loss_fn: LossFn, optimizer) -> float:
     the current parameters, without a graph; the optimizer calls it as often as it needs (MeZO: twice,
     at two perturbations) and returns the loss it reports."""
     def closure() -> torch.Tensor:
-        with torch.no_grad():
-            return sum(loss_fn(model, b) for b in step_batches) / len(step_batches)
+        with torch.no_grad():  # dist=fsdp: the sum of the ranks' shares, so every rank steps alike
+            loss = distributed.global_sum(sum(loss_fn(model, b) for b in step_batches) / len(step_batches))
+        distributed.reshard(model)  # the optimizer moves the weights before the next forward
+        return loss
     return float(optimizer.step(closure))
 
 
@@ -156,5 +168,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
 def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Next-token cross-entropy on non-padding tokens (labels carry -100 on padding)."""
+    shares = {}
+    if distributed.active():  # sum over this rank's tokens / tokens of the global batch: its share of the mean
+        shares["num_items_in_batch"] = distributed.global_sum((batch["labels"][:, 1:] != -100).sum())
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 labels=batch["labels"]).loss
+                 labels=batch["labels"], **shares).loss

@@ -96,6 +96,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("defense.steps", non_negative_int, "an integer >= 0"),
     ("defense.batch_size", positive_int, "an integer >= 1"),
     ("defense.lr", positive, "a finite number > 0"),
+    ("plan", lambda x: isinstance(x, bool), "true or false"),
+    ("dist.device_memory_gb", lambda x: x is None or positive(x), "null or a number of GiB > 0"),
+    ("dist.timeout_min", positive, "a number of minutes > 0"),
+    ("dist.activation_checkpointing", lambda x: isinstance(x, bool), "true or false"),
+    ("dist.cpu_offload", lambda x: isinstance(x, bool), "true or false"),
+    ("dist.reshard_after_forward", lambda x: isinstance(x, bool), "true or false"),
     ("defense.retain_corpus", one_of("retain", "unrelated"), "retain or unrelated"),
     ("defense.warmup_epochs", lambda x: _number(x) and x >= 0, "a number >= 0"),
 ]
@@ -168,6 +174,29 @@ def _check_recovery_rule(cfg: DictConfig) -> None:
                           "or utility tasks to measure the model's utility")
 
 
+def _check_dist(cfg: DictConfig) -> None:
+    """What cannot run sharded stops here, saying what to use instead."""
+    if _get(cfg, "dist.name") != "fsdp":
+        return
+    from attacks.optimizers import config_needs_double_backward
+    from harness.distributed import launched_world_size
+    attack = _get(cfg, "attack")
+    double = ("its optimizer needs a double backward (backward(create_graph=True))" if attack is not _MISSING
+              and config_needs_double_backward(attack) else None)
+    if double is None and _get(cfg, "attack.sharpness_every") not in (None, _MISSING):
+        double = f"attack.sharpness_every={_get(cfg, 'attack.sharpness_every')} takes Hessian-vector products"
+    if double:
+        raise ConfigError(f"attack={attack.name} with dist=fsdp: {double}, and FSDP2's gradients leave the autograd "
+                          "graph at the reduce-scatter; allowed dist=none on one device, or a first-order attack "
+                          "(sgd, adam, adamw, muon) without sharpness_every")
+    ranks = launched_world_size()
+    for key in ("attack.batch_size", "defense.batch_size", "defense.adversary_batch_size"):
+        size = _get(cfg, key)
+        if isinstance(size, int) and size < ranks:
+            raise ConfigError(f"{key}={size} with {ranks} ranks: every rank trains on its own rows of each batch; "
+                              f"allowed {key} >= {ranks}")
+
+
 def _check_writable(cfg: DictConfig) -> None:
     root = _get(cfg, "paths.output_root")
     if isinstance(root, str) and os.path.exists(root) and not os.path.isdir(root):
@@ -188,6 +217,7 @@ def validate(cfg: DictConfig) -> None:
     _check_forward_only(cfg)
     _check_recovery_rule(cfg)
     _check_writable(cfg)
+    _check_dist(cfg)
     from baselines.released import check_config as check_release
     from specdef.defense import check_config as check_specdef
     check_release(cfg)  # a released defended model out of reach stops here, before any model is loaded

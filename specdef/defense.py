@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from harness import distributed
 from harness.errors import ConfigError
 from harness.models import DTYPES
 from specdef.core import NITER, check_alpha, check_k_policy, check_method, plan_layers, transform
@@ -150,9 +151,10 @@ class SpecDef:
         drift = function_drift(model, tokenizer, data.heldout_text(self.drift_samples), originals, data.max_length)
         self._record(model, plan, reports, drift, seconds)
         self._check_drift(drift)
-        if self.save_dir:
-            self.info["release_dir"] = str(save_defended(model, tokenizer, self.save_dir,
-                                                         record=manifest_record(self.info)))
+        if self.save_dir:  # dist=fsdp: every rank holds the whole plain model; rank 0 writes the release
+            if distributed.is_main():
+                save_defended(model, tokenizer, self.save_dir, record=manifest_record(self.info))
+            self.info["release_dir"] = str(Path(self.save_dir))
         return model
 
     def _record(self, model, plan, reports, drift: dict, seconds: float) -> None:

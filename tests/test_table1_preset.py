@@ -16,6 +16,8 @@ from harness.validate import validate
 from tests.conftest import CONF_DIR, compose_cfg
 
 OPTIMIZERS = ("sgd", "adam", "sophia", "muon", "adahessian")
+# scale=paper runs sharded (dist=paper): second-order optimizers' double backward cannot be (conf/scale/paper.yaml)
+PAPER_OPTIMIZERS = ("sgd", "adam", "muon")
 
 
 def documented_grid(name: str) -> set[float]:
@@ -35,11 +37,12 @@ def preset_jobs(*overrides: str) -> list[dict[str, str]]:
     return [dict(item.split("=", 1) for item in job) for job in jobs]
 
 
-def job_lrs(jobs: list[dict[str, str]], *overrides: str, steps: int) -> dict[str, set[float]]:
+def job_lrs(jobs: list[dict[str, str]], *overrides: str, steps: int,
+            optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, set[float]]:
     """{optimizer: the learning rates its jobs run at}."""
-    assert {job["attack"] for job in jobs} == set(OPTIMIZERS)
+    assert {job["attack"] for job in jobs} == set(optimizers)
     lrs: dict[str, set[float]] = {}
-    for name in OPTIMIZERS:  # one compose per optimizer (compose is slow); each job's rank set on it
+    for name in optimizers:  # one compose per optimizer (compose is slow); each job's rank set on it
         cfg = compose_cfg("experiment=table1", f"attack={name}", *overrides)
         assert cfg.attack.steps == steps
         for job in (j for j in jobs if j["attack"] == name):
@@ -57,8 +60,9 @@ def test_each_optimizer_runs_its_own_documented_grid():
 
 def test_at_paper_scale_the_preset_composes_and_every_optimizer_runs_the_papers_grid():
     jobs = preset_jobs("scale=paper")
-    assert len(jobs) == 7 * len(OPTIMIZERS) * 3
-    assert job_lrs(jobs, "scale=paper", steps=510) == {name: {1e-6, 1e-5, 3e-5} for name in OPTIMIZERS}
+    assert len(jobs) == 7 * len(PAPER_OPTIMIZERS) * 3
+    assert job_lrs(jobs, "scale=paper", steps=510, optimizers=PAPER_OPTIMIZERS) == {
+        name: {1e-6, 1e-5, 3e-5} for name in PAPER_OPTIMIZERS}
 
 
 def test_an_optimizer_without_a_grid_or_a_rank_past_it_is_named():
