@@ -107,7 +107,8 @@ def recipe_digest() -> str:
     an edit elsewhere (the cache plumbing, the other users of the training loop's module) is not."""
     from harness import batches, train
     recipe = (SPECIALS, TinySpec, build_tokenizer, pretrain, pretraining_texts, _read_rows, _read_texts,
-              train.train_loop, train._zero, train.lr_lambda, train.lm_loss, batches.encode,
+              train.train_loop, train._forward_only, train._accumulate_gradients, train._closure_step,
+              train._zero, train.lr_lambda, train.lm_loss, batches.encode,
               batches._with_specials, batches.batch_iterator, synthetic)
     h = hashlib.sha256()
     for part in recipe:

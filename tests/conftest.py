@@ -106,8 +106,8 @@ EXTRA_MODELS = {"naive_model_path": naive_cfg, "byline_tiny_path": byline_cfg}
 def pytest_collection_modifyitems(session, config, items):
     """Pretrain every tiny model the selected tests need in a background thread, from the start of the
     session: the default one first on both cores (the first tests wait for it on its cache lock),
-    then the others one at a time on one core while the tests run on the other. Tests that need
-    those run last, so they rarely wait."""
+    then the others side by side, one thread each, while the tests run. Tests that need those run
+    last, so they rarely wait."""
     if config.option.collectonly or not items:
         return
     uses = lambda item, name: name in getattr(item, "fixturenames", ())
@@ -119,8 +119,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 def _pretrain_all(cfgs) -> None:
     _ensure(cfgs[0])
-    for cfg in cfgs[1:]:
-        _ensure(cfg, threads=1)
+    for cfg in cfgs[1:]:  # side by side: one after the other they outlast the rest of the suite
+        threading.Thread(target=_ensure, args=(cfg, 1), name="pretrain-tiny-extra", daemon=True).start()
 
 
 @pytest.fixture(scope="session")

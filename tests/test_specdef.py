@@ -106,16 +106,19 @@ def test_defense_records_alpha_drift_and_sigma_ratios(tiny_model, data):
 
 def test_bfloat16_cannot_carry_alpha_1e4(tiny_path, data, caplog):
     model, tok = from_pretrained(tiny_path, dtype="bfloat16")
+    # strict: refused before any work, from eps(bfloat16) * alpha alone
     strict = SpecDef(alpha=1e4, k=8, layers=DOWN, strict_drift=True, drift_samples=16)
-    with pytest.raises(ConfigError, match=r"defense.alpha=10000: relative logit error .* exceeds "
-                                          r"defense.drift_tolerance=0.01; bfloat16 carries alpha up to about"):
+    with pytest.raises(ConfigError, match=r"defense.alpha=10000: bfloat16 carries alpha up to about .* within "
+                                          r"defense.drift_tolerance=0.01"):
         strict(model, tok, data)
-    assert strict.info["max_supported_alpha"] < 1e3  # the measured bfloat16 frontier is ~1e1-1e2
 
+    # not strict: defended, and the measured drift says the same
     model, tok = from_pretrained(tiny_path, dtype="bfloat16")
+    lenient = SpecDef(alpha=1e4, k=8, layers=DOWN, drift_samples=16)
     with caplog.at_level(logging.WARNING, logger="specdef.defense"):
-        SpecDef(alpha=1e4, k=8, layers=DOWN, drift_samples=16)(model, tok, data)
+        lenient(model, tok, data)
     assert sum("bfloat16 carries alpha up to about" in r.message for r in caplog.records) == 1
+    assert lenient.info["max_supported_alpha"] < 1e3  # the measured bfloat16 frontier is ~1e1-1e2
 
 
 class ScaleHead:
