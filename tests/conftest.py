@@ -59,8 +59,7 @@ def data(base_cfg):
 
 @pytest.fixture(scope="session")
 def tiny_path(base_cfg, data) -> Path:
-    return tiny.ensure_tiny(synthetic.WorldConfig(**base_cfg.data.world), tiny_spec(base_cfg.model),
-                            data.root, CACHE_DIR, progress=False)
+    return _ensure(base_cfg)
 
 
 @pytest.fixture()
