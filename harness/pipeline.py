@@ -25,9 +25,9 @@ from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import NullLogger, log_run_report
+from harness.manifest import verify_manifest
 from harness.objective import constrained_objective
 from harness.models import load_model
-from harness.tiny import verify_manifest
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
 from harness.validate import validate
 

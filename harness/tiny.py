@@ -12,7 +12,7 @@ these numerics (results/tiny_robustness.md).
 The cache folder is keyed by everything that determines the weights (world, tokenizer, architecture,
 training recipe and its source code, numerics, torch and transformers versions), written to a
 temporary folder and renamed into place, and carries a manifest of sha256 checksums so that a
-corrupted cache is detected and rebuilt rather than used.
+corrupted cache is detected and rebuilt rather than used (harness/manifest.py).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from harness import synthetic
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
+from harness.manifest import verify_manifest, write_manifest
 from harness.train import lm_loss, lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -132,37 +133,6 @@ def weights_digest(folder: Path) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path, extra: dict) -> None:
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    (folder / "manifest.json").write_text(json.dumps({"files": files, **extra}, indent=2, sort_keys=True))
-
-
-def verify_manifest(folder: Path) -> str | None:
-    """None if every file listed in the manifest is present with its checksum, else what is wrong."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        return "no manifest.json"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable manifest.json ({e})"
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"missing {name}"
-        if _sha256(path) != digest:
-            return f"checksum mismatch in {name}"
-    return None
 
 
 def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progress: bool = True):

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness.errors import ConfigError
 from harness.models import DTYPES
-from harness.tiny import verify_manifest, write_manifest
+from harness.manifest import verify_manifest, write_manifest
 from specdef.core import set_module, specdef_modules
 from specdef.modules import output_weights, wrap
 

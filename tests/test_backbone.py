@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 
 from harness import synthetic, tiny
 from harness.errors import ConfigError
+from harness.manifest import verify_manifest
 from harness.models import from_pretrained, tiny_spec
 from harness.record import read_record, write_json_atomic
 from harness.validate import validate
@@ -105,7 +106,7 @@ def test_cache_is_reused_without_training(tiny_path, base_cfg, data, monkeypatch
     again = tiny.ensure_tiny(synthetic.WorldConfig(**base_cfg.data.world), tiny_spec(base_cfg.model),
                              data.root, CACHE_DIR)
     assert again == tiny_path
-    assert tiny.verify_manifest(tiny_path) is None
+    assert verify_manifest(tiny_path) is None
 
 
 def test_corrupted_cache_is_detected(tiny_path, tmp_path):
@@ -115,7 +116,7 @@ def test_corrupted_cache_is_detected(tiny_path, tmp_path):
     raw = bytearray(weights.read_bytes())
     raw[-10] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    assert "checksum mismatch in model.safetensors" == tiny.verify_manifest(copy)
+    assert "checksum mismatch in model.safetensors" == verify_manifest(copy)
 
 
 def test_cache_key_changes_with_what_determines_the_weights(monkeypatch):
