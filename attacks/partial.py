@@ -1,22 +1,22 @@
 """Partial fine-tuning: which parameters the attacker trains (`attack.trainable`, `attack.frozen`).
 
-Patterns are shell-style globs on module or parameter names, or `re:<regex>` (full match), as in
-`defense.layers`. A pattern selects a parameter when it matches the parameter's name or the name of
-a module holding it, so `model.layers.*.mlp.down_proj` selects that layer's weight on an undefended
-model and both its `inner` and `comp` weights on a SpecDef one. `trainable` (null: everything)
-minus `frozen` (null: nothing) is what the optimizer gets. Every pattern must select something: a
+Patterns are shell-style globs on module or parameter names, or `re:<regex>` (full match): the
+syntax of `defense.layers` (harness/patterns.py). A pattern selects a parameter when it matches the
+parameter's name or the name of a module holding it, so `model.layers.*.mlp.down_proj` selects that
+layer's weight on an undefended model and both its `inner` and `comp` weights on a SpecDef one.
+`trainable` (null: everything) minus `frozen` (null: nothing) is what the optimizer gets. Every pattern must select something: a
 pattern that selects nothing stops the run in one line, since a typo would otherwise silently train
 the whole model (or nothing).
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from typing import Iterable, Sequence
 
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.patterns import REGEX_PREFIX, matches
 
 
 def check_patterns(key: str, patterns) -> list[str] | None:
@@ -26,21 +26,15 @@ def check_patterns(key: str, patterns) -> list[str] | None:
     if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError(f"attack.{key}={patterns!r}: allowed null or a list of globs or 're:<regex>' strings")
     for p in patterns:
-        if p.startswith("re:"):
+        if p.startswith(REGEX_PREFIX):
             try:
-                re.compile(p[3:])
+                re.compile(p[len(REGEX_PREFIX):])
             except re.error as e:
                 raise ConfigError(f"attack.{key}={p!r}: not a regular expression ({e}); allowed a glob or "
                                   "'re:<regex>'") from None
     if not patterns:
         raise ConfigError(f"attack.{key}=[]: allowed null or a non-empty list of patterns")
     return list(patterns)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _owners(param_name: str) -> list[str]:
@@ -50,7 +44,7 @@ def _owners(param_name: str) -> list[str]:
 
 
 def selected(names: Iterable[str], pattern: str) -> list[str]:
-    return [n for n in names if any(_matches(o, pattern) for o in _owners(n))]
+    return [n for n in names if any(matches(o, pattern) for o in _owners(n))]
 
 
 def check_selects(key: str, patterns: Sequence[str] | None, names: Sequence[str]) -> None:

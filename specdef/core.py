@@ -23,10 +23,8 @@ block Krylov), one float64 pass that amplifies W in place and measures σ₁(W')
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
-import re
 import time
 from typing import Iterable, Sequence
 
@@ -34,6 +32,7 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.patterns import matches
 from specdef.modules import (SpecDefExperts, SpecDefLinear, SpecDefModule, kind, output_weights,
                              unsupported_reason, wrap)
 
@@ -141,13 +140,6 @@ def check_k(k, name: str, module: nn.Module, k_policy: str = "error") -> int | N
 # ---------------------------------------------------------------------------------------------
 # Which layers
 
-def _matches(name: str, pattern: str) -> bool:
-    # "re:<regex>" for a regular expression, anything else is a shell-style glob on the module name
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
 def defendable(model: nn.Module) -> dict[str, nn.Module]:
     """name -> module of every layer SpecDef can defend and has not defended yet."""
     modules = dict(model.named_modules())
@@ -173,11 +165,11 @@ def match_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     units = defendable(model)
     found: list[str] = []
     for pattern in patterns:
-        defended = [n for n, m in modules.items() if isinstance(m, SpecDefModule) and _matches(n, pattern)]
+        defended = [n for n, m in modules.items() if isinstance(m, SpecDefModule) and matches(n, pattern)]
         if defended:
             raise ConfigError(f"defense.layers={pattern!r}: allowed layers not yet defended; "
                               f"{defended[0]} already is a {type(modules[defended[0]]).__name__}")
-        hits = [n for n, m in units.items() if any(_matches(a, pattern) for a in _aliases(n, m))]
+        hits = [n for n, m in units.items() if any(matches(a, pattern) for a in _aliases(n, m))]
         if explicit and not hits:
             raise ConfigError(f"defense.layers={pattern!r}: matches no nn.Linear, Conv1D or MoE experts module; "
                               f"allowed module names such as {', '.join(_examples(list(units)))} "
