@@ -4,9 +4,9 @@ Patterns are shell-style globs on module or parameter names, or `re:<regex>` (fu
 syntax of `defense.layers` (harness/patterns.py). A pattern selects a parameter when it matches the
 parameter's name or the name of a module holding it, so `model.layers.*.mlp.down_proj` selects that
 layer's weight on an undefended model and both its `inner` and `comp` weights on a SpecDef one.
-`trainable` (null: everything) minus `frozen` (null: nothing) is what the optimizer gets. Every pattern must select something: a
-pattern that selects nothing stops the run in one line, since a typo would otherwise silently train
-the whole model (or nothing).
+`trainable` (null: everything) minus `frozen` (null: nothing) is what the optimizer gets. Every
+pattern must select something: a pattern that selects nothing stops the run in one line, since a
+typo would otherwise silently train the whole model (or nothing).
 """
 from __future__ import annotations
 
