@@ -5,51 +5,26 @@ on the hub, or a local folder), used instead of retraining the defense; also Spe
 The released weights replace the run's model: the run's model (`model.path`) should be the checkpoint's
 base model, so that the undefended row of a table is the model the release was made from. Weights come
 from safetensors only and remote code stays off. A path that is neither a local folder nor in reach
-stops the run at config validation, before any model is loaded (`check_path`).
+stops the run at config validation, before any model is loaded (`check_config`).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from transformers import AutoConfig
-
 from harness.errors import ConfigError
-from harness.models import from_pretrained
+from harness.models import check_model_path, from_pretrained
 
 TARGET = f"{__name__}.ReleasedCheckpoint"
 # The architecture fields a release must share with the run's model (the same family and size).
 SAME = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 
 
-def check_path(path, revision: str | None = None, key: str = "defense.path") -> None:
-    """One line naming the key if `path` is neither a local model folder nor a reachable hub id."""
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{key}={path!r}: allowed a hub id (owner/name) or a local model folder")
-    local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        if not any(Path(local).glob("*.safetensors")):
-            raise ConfigError(f"{key}={path!r}: no *.safetensors in that folder; allowed a folder saved with "
-                              "save_pretrained(safe_serialization=True) (pickled weights are not loaded)")
-        return
-    if path.startswith((".", "/", "~")):
-        raise ConfigError(f"{key}={path!r}: no such folder; allowed a local model folder or a hub id")
-    try:
-        AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - offline, gated, or missing all read the same to the user
-        raise ConfigError(f"{key}={path!r}: not in the local Hugging Face cache and not reachable "
-                          f"({type(e).__name__}); allowed a local folder, or download it where the hub is "
-                          f"reachable (`hf download {path}`)") from None
-
-
 def check_config(cfg) -> None:
     """Validation hook: the run's defense, or SpecDef's base, is a released checkpoint: check its path."""
     defense = cfg.get("defense") or {}
     if defense.get("_target_") == TARGET:
-        check_path(defense.get("path"), defense.get("revision"))
+        check_model_path(defense.get("path"), key="defense.path", revision=defense.get("revision"))
     elif defense.get("base") == "checkpoint":
         overrides = defense.get("base_overrides") or {}
-        check_path(overrides.get("path"), overrides.get("revision"), key="defense.base_overrides.path")
+        check_model_path(overrides.get("path"), key="defense.base_overrides.path", revision=overrides.get("revision"))
 
 
 class ReleasedCheckpoint:
@@ -63,7 +38,7 @@ class ReleasedCheckpoint:
         self.info: dict = {}
 
     def __call__(self, model, tokenizer, data):
-        check_path(self.path, self.revision)
+        check_model_path(self.path, key="defense.path", revision=self.revision)
         param = next(model.parameters())
         dtype = str(param.dtype).removeprefix("torch.")
         released, released_tok = from_pretrained(self.path, dtype=dtype, device="cpu",

@@ -144,14 +144,14 @@ def hf_config(cfg_model, cfg_data):
         world = synthetic.WorldConfig(**cfg_data.world)
         return tiny.model_config(tiny_spec(cfg_model), tiny.build_tokenizer(synthetic.vocabulary(world)))
     from transformers import AutoConfig
-    from harness.models import check_hub_model
+    from harness.models import check_model_path
     try:  # a local folder or the Hugging Face cache, without the network
         return AutoConfig.from_pretrained(cfg_model.path, trust_remote_code=cfg_model.trust_remote_code,
                                           local_files_only=True)
     except (OSError, ValueError):
         if cfg_model.get("architecture") is not None:  # e.g. on a login node: what its config.json publishes
             return AutoConfig.for_model(**OmegaConf.to_container(cfg_model.architecture))
-    check_hub_model(cfg_model)  # unreachable: one line saying how to provide it
+    check_model_path(cfg_model.path, trust_remote_code=cfg_model.trust_remote_code)  # unreachable: one line
     return AutoConfig.from_pretrained(cfg_model.path, trust_remote_code=cfg_model.trust_remote_code)
 
 

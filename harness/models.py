@@ -40,20 +40,26 @@ def from_pretrained(path: str | Path, *, dtype: str = "float32", device: str = "
     return model, tokenizer
 
 
-def check_hub_model(cfg) -> None:
-    """Stop before any work if a hub model is neither a local folder nor reachable."""
-    path = cfg.path
-    if os.path.isdir(path):
+def check_model_path(path, *, key: str = "model.path", revision: str | None = None,
+                     trust_remote_code: bool = False) -> None:
+    """Stop before any work, in one line naming `key`, unless `path` is a local folder of safetensors
+    weights or a hub id in reach (the local Hugging Face cache, or the hub itself)."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}={path!r}: allowed a hub id (owner/name) or a local model folder")
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not any(Path(local).glob("*.safetensors")):
+            raise ConfigError(f"{key}={path!r}: no *.safetensors in that folder; allowed a folder saved with "
+                              "save_pretrained(safe_serialization=True) (pickled weights are not loaded)")
         return
     if path.startswith((".", "/", "~")):
-        raise ConfigError(f"model.path={path!r}: no such folder. Point it at a local model folder "
-                          "(saved with save_pretrained, safetensors weights).")
+        raise ConfigError(f"{key}={path!r}: no such folder; allowed a local model folder or a hub id")
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - offline, gated, or missing all read the same to the user
-        raise ConfigError(f"model.path={path!r}: not in the local Hugging Face cache and not reachable "
-                          f"({type(e).__name__}). Download it where the hub is reachable "
-                          f"(`hf download {path}`) or set model.path=<local folder>.") from None
+        raise ConfigError(f"{key}={path!r}: not in the local Hugging Face cache and not reachable "
+                          f"({type(e).__name__}); allowed a local folder, or download it where the hub is "
+                          f"reachable (`hf download {path}`)") from None
 
 
 def tiny_spec(cfg) -> tiny.TinySpec:
@@ -73,7 +79,7 @@ def load_model(cfg, data_cfg, data, cache_dir: Path, attn_implementation: str | 
         world = synthetic.WorldConfig(**data_cfg.world)
         path = tiny.ensure_tiny(world, tiny_spec(cfg), data.root, cache_dir)
     else:
-        check_hub_model(cfg)
+        check_model_path(cfg.path, trust_remote_code=cfg.trust_remote_code)
         path = cfg.path
     return from_pretrained(path, dtype=cfg.dtype, device=device or cfg.device, trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=attn_implementation)
