@@ -1,22 +1,27 @@
-"""The three small interfaces every method plugs into.
+"""The three small interfaces every method plugs into, and the two methods that do nothing.
 
 - A **defense** is built from `conf/defense/<name>.yaml` (`_target_` + its arguments) and called as
   `defense(model, tokenizer, data) -> model`. It may modify the model in place or return a new one,
   and leaves anything worth recording in `defense.info` (a dict).
 - An **attack** is built from `conf/attack/<name>.yaml` and called as
-  `attack(model, tokenizer, data, evaluator, start=<metrics>, threshold=<float>) -> AttackResult`.
+  `attack(model, tokenizer, data, evaluator, start=<metrics>, threshold=<float>, on_eval=<callback>,
+  checkpoint_dir=<folder>) -> AttackResult` (harness/outcome.py).
 - An **evaluator** is called as `evaluator(model) -> dict` of metrics (see `harness.evaluate`).
 
-Training-based defenses and attacks both train through `harness.train.train_loop`.
+Training-based defenses and attacks both train through `harness.train.train_loop`. A method may also
+carry hooks that the runner finds through its `_target_` class (harness/hooks.py).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
+from harness.outcome import AttackResult, first_event, steps_to_recover
 
-from harness.data import Data
+if TYPE_CHECKING:
+    import torch
+
+    from harness.data import Data
 
 
 class Evaluator(Protocol):
@@ -30,36 +35,13 @@ class Defense(Protocol):
     def __call__(self, model: torch.nn.Module, tokenizer, data: Data) -> torch.nn.Module: ...
 
 
-@dataclasses.dataclass
-class AttackResult:
-    trajectory: list[dict]               # one entry per evaluated step; step 0 is the starting model
-    steps_to_recover: int | None         # first evaluated step counted as recovered (attack.recovery_rule)
-    threshold: float | None
-    diverged: bool                       # the paper's dagger: retain perplexity up > factor x, or non-finite loss
-    divergence_step: int | None
-    divergence_reason: str | None
-    steps: int                           # optimizer steps actually taken
-    final: dict                          # metrics at the last evaluated step
-    best_hazard_acc: float
-    tokens_per_second: float
-    train_seconds: float
-    losses: list[float]
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # which came first: {kind: recovered | diverged | not_recovered, step, hazard_acc} (attacks.relearn.first_event)
-    outcome: dict[str, Any] = dataclasses.field(default_factory=dict)
-    recovery_rule: dict[str, Any] = dataclasses.field(default_factory=dict)  # the rule steps_to_recover used
-
-    def summary(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("losses")
-        return d
-
-
 class Attack(Protocol):
     name: str
+    recover_threshold: float | None  # None: the undefended model's hazard accuracy
 
     def __call__(self, model, tokenizer, data: Data, evaluator: Evaluator, *, start: dict,
-                 threshold: float | None) -> AttackResult: ...
+                 threshold: float | None, on_eval: Callable[[dict], None] | None = None,
+                 checkpoint_dir: Path | None = None) -> AttackResult: ...
 
 
 class NoDefense:
@@ -71,3 +53,20 @@ class NoDefense:
 
     def __call__(self, model, tokenizer, data):
         return model
+
+
+class NoAttack:
+    """`attack=none`: score the defended model only (e.g. for the utility table)."""
+    name = "none"
+
+    def __init__(self, recover_threshold: float | None = None):
+        self.recover_threshold = recover_threshold
+
+    def __call__(self, model, tokenizer, data, evaluator, *, start, threshold, on_eval=None, checkpoint_dir=None):
+        point = {"step": 0, "loss": None, **start}
+        recovered = steps_to_recover([point], threshold)  # the start is intact by definition
+        return AttackResult(trajectory=[point], steps_to_recover=recovered,
+                            threshold=threshold, diverged=False, divergence_step=None, divergence_reason=None,
+                            steps=0, final=dict(start), best_hazard_acc=start.get("hazard_acc", float("nan")),
+                            tokens_per_second=float("nan"), train_seconds=0.0, losses=[],
+                            outcome=first_event([point], recovered, None, 0))

@@ -9,7 +9,7 @@ Tables (the paper's format):
   learning rate for the attacker (`best_lr`), followed by the lr.
 - **Table 1, relearning**: one block per optimizer (`attack.name`), one row per defense, one column per
   learning rate that optimizer was run at (each optimizer has its own grid). A cell is one of three
-  kinds, `attack.outcome` of the record (attacks.relearn.first_event: whichever came first):
+  kinds, `attack.outcome` of the record (harness.outcome.first_event: whichever came first):
   * `✓n / acc`: recovered at step n, the first evaluated step counted as recovered by the run's
     `attack.recovery_rule` (intact: hazard accuracy >= threshold with the model still intact);
   * `†n / acc`: diverged (the paper's dagger: retain perplexity above `divergence_factor` x the
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.outcome import first_event
 from harness.record import RECORD_NAME, read_record
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,6 @@ def record_outcome(record: dict) -> dict:
     attack = record.get("attack", {})
     if attack.get("outcome"):
         return attack["outcome"]
-    from attacks.relearn import first_event  # lazy: imports torch; only old records need it
     return first_event(attack.get("trajectory") or [{"step": 0}], attack.get("steps_to_recover"),
                        attack.get("divergence_step") if attack.get("diverged") else None, attack.get("steps"))
 

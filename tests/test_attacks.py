@@ -14,7 +14,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from attacks.optimizers import config_needs_double_backward, muon_split
-from attacks.relearn import Relearn, split_accuracies, split_tasks, steps_to_recover
+from attacks.relearn import Relearn, split_accuracies, split_tasks
+from harness.outcome import steps_to_recover
 from harness import synthetic, tiny
 from harness.errors import ConfigError
 from harness.models import from_pretrained, tiny_spec

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from attacks.relearn import Relearn, RecoveryRule, first_event
+from attacks.relearn import Relearn
+from harness.outcome import RecoveryRule, first_event
 from harness.errors import ConfigError
 from harness.validate import validate
 from reporting import report
