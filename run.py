@@ -8,15 +8,15 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
-from harness.objective import constrained_objective
-from harness.pipeline import run, show_plan
+from runner.objective import constrained_objective
+from runner.pipeline import run, show_plan
 
 log = logging.getLogger("run")
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Returns the attacker's constrained objective (harness/objective.py): the post-attack hazard
+    """Returns the attacker's constrained objective (runner/objective.py): the post-attack hazard
     accuracy, minus a penalty when the attack broke the model; a sweeper maximises it."""
     try:
         if cfg.plan:

@@ -67,7 +67,8 @@ def peak_resident() -> int:
 
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
-    from harness import distributed, memory_plan
+    from harness import distributed
+    from runner import memory_plan
     from harness.train import lm_loss, train_loop
     args = parse(argv)
     cfg = run_config(args)

@@ -1,4 +1,4 @@
-"""The memory plan (harness/memory_plan.py): the GPUs each job of a sweep needs, and the plan against
+"""The memory plan (runner/memory_plan.py): the GPUs each job of a sweep needs, and the plan against
 measured memory.
 
     python -m benchmarks.memory_plan [overrides...]     (default: scale=paper; nothing is loaded)
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from harness import memory_plan
+from runner import memory_plan
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")

@@ -5,7 +5,7 @@
     python -m experiments.baselines_table threads=1 seed=1      # Hydra overrides for every run
     python -m experiments.baselines_table --methods none elm --out results/baselines_bylines threads=1 data.world.bylines=true
 
-Each method is one `harness.pipeline.run` of `defense=<method> attack=none` with the defended-model
+Each method is one `runner.pipeline.run` of `defense=<method> attack=none` with the defended-model
 cache off (so the defense really trains and its wall time is measured), in a temporary run folder.
 Writes results/baselines.{csv,md}. The tiny model's kernels are too small to gain from a second
 thread; on a CPU shared with other work, one thread is often faster (`threads=1`).
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from harness.pipeline import run
+from runner.pipeline import run
 from specdef.experiment_utils import RESULTS_DIR, compose_config, write_table
 
 METHODS = ("none", "rmu", "npo", "repnoise", "elm", "tar")

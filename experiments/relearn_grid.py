@@ -8,7 +8,7 @@ The model is the tiny model pretrained without hazard split 1 (`model.spec.exclu
 it answers split 1 near chance; each run fine-tunes on split 1 for the attack config's steps and
 stops once split 1 reaches 0.8. This is the protocol behind the tuned learning rates in
 conf/attack/<name>.yaml and tests/test_attacks.py, and it is how a change to the tiny model is checked
-against them. Each run is one `harness.pipeline.run` in a temporary folder; writes <out>.{csv,md}.
+against them. Each run is one `runner.pipeline.run` in a temporary folder; writes <out>.{csv,md}.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from experiments.baselines_table import relative
-from harness.pipeline import run
+from runner.pipeline import run
 from specdef.experiment_utils import RESULTS_DIR, compose_config, write_table
 
 # Each optimizer's tiny-model grid, as documented in conf/attack/<name>.yaml.

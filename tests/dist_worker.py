@@ -166,7 +166,7 @@ def scenarios(out: Path, *overrides: str) -> dict:
 
 def uninterrupted_run(out: Path) -> None:
     """The whole pipeline with RUN, as `torchrun ... run.py <RUN>` runs it; its record goes to out/run."""
-    from harness.pipeline import run
+    from runner.pipeline import run
     run(compose_cfg(*RUN), out / "run")
 
 

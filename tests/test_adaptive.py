@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from harness.validate import validate
 from reporting import adaptive
+from runner.validate import validate
 from tests.conftest import compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -13,7 +13,7 @@ from attacks.sgld import SGLD
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
 from harness.train import lm_loss, train_loop
-from harness.validate import validate
+from runner.validate import validate
 from tests.conftest import compose_cfg
 from tests.test_attacks import FixedEvaluator, snapshot
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from harness.errors import ConfigError
-from harness.objective import constrained_objective
+from runner.objective import constrained_objective
 
 REPO = Path(__file__).resolve().parents[1]
 

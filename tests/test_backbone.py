@@ -18,7 +18,7 @@ from harness.errors import ConfigError
 from harness.manifest import verify_manifest
 from harness.models import from_pretrained, tiny_spec
 from harness.record import read_record, write_json_atomic
-from harness.validate import validate
+from runner.validate import validate
 from tests.conftest import CACHE_DIR, TEST_OVERRIDES, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import memory_plan
 from harness.errors import ConfigError
 from harness.record import read_record
-from harness.validate import validate
+from runner import memory_plan
+from runner.validate import validate
 from tests import dist_worker
 from tests.conftest import TEST_OVERRIDES, compose_cfg
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from harness.models import from_pretrained
-from harness.pipeline import defend, run
 from harness.record import read_record
+from runner.pipeline import defend, run
 from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]

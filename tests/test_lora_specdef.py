@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from harness.errors import ConfigError
-from harness.validate import validate
+from runner.validate import validate
 from specdef.core import transform
 from tests.conftest import compose_cfg
 from tests.test_attacks import FixedEvaluator, snapshot

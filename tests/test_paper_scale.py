@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import ListConfig, OmegaConf
 
 from harness.errors import ConfigError
-from harness.validate import validate
+from runner.validate import validate
 from specdef.defense import SpecDef, load_base_config
 from tests.conftest import CONF_DIR, compose_cfg
 

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from harness.errors import ConfigError
-from harness.pipeline import run
+from runner.pipeline import run
 from specdef.core import transform
 from tests.conftest import CACHE_DIR, compose_cfg
 from tests.test_attacks import FixedEvaluator, snapshot
@@ -62,7 +62,7 @@ def test_trainable_minus_frozen_and_regexes(tiny_model, data):
     ("attack.frozen=['re:(']", "attack.frozen='re:(': not a regular expression"),
 ])
 def test_a_pattern_matching_nothing_stops_the_run_before_any_work(override, message, tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.pipeline.build_evaluator", lambda *a, **k: pytest.fail("evaluation started"))
+    monkeypatch.setattr("runner.pipeline.build_evaluator", lambda *a, **k: pytest.fail("evaluation started"))
     cfg = compose_cfg("attack=adam", override, f"paths.cache_dir={CACHE_DIR}",
                       f"paths.record_store={tmp_path / 'records'}")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")) as info:

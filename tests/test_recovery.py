@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from attacks.relearn import Relearn
-from harness.outcome import RecoveryRule, first_event
 from harness.errors import ConfigError
-from harness.validate import validate
+from harness.outcome import RecoveryRule, first_event
 from reporting import report
+from runner.validate import validate
 from tests.conftest import compose_cfg
 
 START = {"hazard_acc": 0.25, "utility_acc": 0.95, "retain_ppl": 3.0}

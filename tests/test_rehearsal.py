@@ -218,7 +218,7 @@ def test_question_folds_partition_the_questions():
 
 def test_split_metric_needs_the_splits_tasks():
     from harness.errors import ConfigError
-    from harness.validate import validate
+    from runner.validate import validate
     from tests.conftest import compose_cfg
     validate(compose_cfg("experiment=rtt", "scale=paper"))
     validate(compose_cfg("experiment=heldout", "scale=paper", "attack.recover_metric=heldout_acc"))

@@ -8,7 +8,7 @@ import torch
 from baselines.released import ReleasedCheckpoint
 from harness.errors import ConfigError
 from harness.models import from_pretrained
-from harness.validate import validate
+from runner.validate import validate
 from specdef.defense import SpecDef
 from tests.conftest import compose_cfg
 

@@ -17,7 +17,7 @@ def make_record(defense: str = "none", optimizer: str = "adam", lr: float = 1e-4
                 pre: dict | None = None, recover: int | None = None, steps: int = 30, diverged: bool = False,
                 final: float = 0.5, alpha: float | None = None, base: str | None = None,
                 undo: str | None = None, compensate: bool | None = None) -> dict:
-    """A record shaped like harness.pipeline.run's, with only the fields the report reads filled in."""
+    """A record shaped like runner.pipeline.run's, with only the fields the report reads filled in."""
     defense_cfg = {"name": defense} if defense != "specdef" else {"alpha": alpha, "base": base, "k": 8}
     if compensate is not None:
         defense_cfg["compensate"] = compensate

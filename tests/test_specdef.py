@@ -221,7 +221,7 @@ def test_release_round_trip_is_bit_exact_and_checksummed(tiny_model, data, tmp_p
 def test_run_records_alpha_and_drift(tmp_path):
     """`python run.py defense=specdef attack=adam lr=1e-5`, cut to 2 attack steps and 8 questions per task."""
     from tests.conftest import compose_cfg
-    from harness.pipeline import run
+    from runner.pipeline import run
     cfg = compose_cfg("defense=specdef", "attack=adam", "lr=1e-5", "attack.steps=2", "attack.eval_every=2",
                       "eval.limit=8", "eval.ppl_samples=16", "defense.drift_samples=16",
                       "cache_defended=false")  # run SpecDef itself, not the pipeline's cached copy

@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from harness.errors import ConfigError
-from harness.validate import validate
+from runner.validate import validate
 from tests.conftest import CONF_DIR, compose_cfg
 
 OPTIMIZERS = ("sgd", "adam", "sophia", "muon", "adahessian")

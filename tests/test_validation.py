@@ -6,9 +6,9 @@ import tempfile
 
 import pytest
 
-from harness import pipeline
 from harness.errors import ConfigError
-from harness.validate import validate
+from runner import pipeline
+from runner.validate import validate
 from specdef.defense import SpecDef
 from tests.conftest import compose_cfg
 

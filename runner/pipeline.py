@@ -14,22 +14,22 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-
-import baselines  # noqa: F401 - their source keys the defended-model cache
-import specdef  # noqa: F401
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.partial import preflight as check_attack_patterns
-from harness import distributed, memory_plan
+import baselines  # noqa: F401 - their source keys the defended-model cache
+from harness import distributed
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import NullLogger, log_run_report
 from harness.manifest import verify_manifest
-from harness.objective import constrained_objective
 from harness.models import load_model
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
-from harness.validate import validate
+from runner import memory_plan
+from runner.objective import constrained_objective
+from runner.validate import validate
+import specdef  # noqa: F401
 
 log = logging.getLogger(__name__)
 
