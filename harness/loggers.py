@@ -5,7 +5,8 @@ otherwise the jobs of a Hydra multirun merge into one wandb run.
 
 What a wandb run receives: the resolved config (through `harness.record.redact`, so no API key or
 token), per-step metrics (`log`), final metrics (`summary`), and at the end of a run the run's own
-one-row tables (wandb.Table) and its plots (wandb.Image), via `log_run_report`.
+one-row tables (wandb.Table, `table`) and its plots (wandb.Image, `image`), which the runner builds
+and hands over (runner/report.py): a logger only carries what it is given.
 """
 from __future__ import annotations
 
@@ -91,21 +92,3 @@ class WandbLogger(NullLogger):
         if self.run is not None:
             run, self.run = self.run, None  # cleared first: a failing finish is not retried on a dead run
             run.finish(exit_code=1 if failed else 0)
-
-
-def log_run_report(logger, record: dict, run_dir: Path) -> list[Path]:
-    """At the end of a run: its own one-row tables and its plots, written under `run_dir/report` and
-    logged to `logger`. Nothing is drawn for a logger that would drop it (`logger=none`)."""
-    if not getattr(logger, "enabled", False):
-        return []
-    from reporting import plots, report  # lazy: pandas/matplotlib only for loggers that use them
-    out = Path(run_dir) / "report"
-    df = report.pd.DataFrame([report.record_row(Path(run_dir) / "result.json", record)])
-    tables = report.build_tables(df)
-    report.write_tables(tables, out)
-    for name, frame in tables.items():
-        logger.table(f"table/{name}", frame)
-    images = plots.write_plots([(Path(run_dir) / "result.json", record)], out)
-    for path in images:
-        logger.image(f"plot/{path.stem}", path)
-    return images

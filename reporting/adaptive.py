@@ -4,7 +4,7 @@ experiment=strongest_attack found per defense).
     python -m reporting.adaptive outputs/sweeps/adaptive_tiny [--strongest DIR ...] [--out results/adaptive]
 
 Rows are attacks (conf/adaptive/<row>.yaml), columns defenses. A cell is one of Table 1's three
-kinds (reporting.report): `✓n / acc` recovered at step n with the model intact, `†n / acc` diverged at
+kinds (reporting.tables): `✓n / acc` recovered at step n with the model intact, `†n / acc` diverged at
 step n first (retain perplexity beyond the factor, or a non-finite loss), `>n / acc` neither in the n
 steps run; acc is the hazard accuracy at that step. Per row: the attacker's knowledge and the parameters it
 trains on the undefended model. Writes README.md, table.csv and PROVENANCE.md to --out.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from reporting.provenance import write_provenance
-from reporting.report import MISSING, NOTE_CELLS, _get, defense_label, load_records, outcome_cell, record_outcome
+from reporting.tables import MISSING, NOTE_CELLS, _get, defense_label, load_records, outcome_cell, record_outcome
 
 ALL_LINEAR = "every Linear"
 STRONGEST = "strongest (Optuna)"

@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from reporting.report import best_lr, defense_label, defense_order, fmt_number, relearning_runs  # noqa: E402
+from reporting.tables import best_lr, defense_label, defense_order, fmt_number, relearning_runs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _loglog(csv: Path, ycols, ylabel: str, title: str, path: Path, group_cols) -
 def headline(records, frame: pd.DataFrame, path: Path, optimizer: str = "adam") -> Path | None:
     """Each defense's trajectory at its attacker-best lr (best_lr, as in the summary table); a star
     marks the step it was recovered at, an x the step it diverged at (†), whichever came first.
-    `frame`: the records' rows (reporting.report.frame_of)."""
+    `frame`: the records' rows (reporting.tables.frame_of)."""
     runs = relearning_runs(frame)
     if runs.empty:
         return None

@@ -22,12 +22,13 @@ from harness import distributed
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
-from harness.loggers import NullLogger, log_run_report
+from harness.loggers import NullLogger
 from harness.manifest import verify_manifest
 from harness.models import load_model
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
 from runner import memory_plan
 from runner.objective import constrained_objective
+from runner.report import log_run_report
 from runner.validate import validate
 import specdef  # noqa: F401
 

@@ -1,5 +1,6 @@
-"""harness.loggers: a wandb offline run holds the run's tables and plots, is closed even when the run
-raises (so multirun jobs never merge), and no API key or token lands in any file written."""
+"""harness.loggers and runner.report: a wandb offline run holds the run's tables and plots, is closed
+even when the run raises (so multirun jobs never merge), and no API key or token lands in any file
+written."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.loggers import NullLogger, WandbLogger, log_run_report
+from harness.loggers import NullLogger, WandbLogger
 from harness.record import write_json_atomic
+from runner.report import log_run_report
 from tests.test_report import make_record
 
 SECRETS = {"WANDB_API_KEY": "secret-xyz-wandb", "HF_TOKEN": "hf_secret_abc123"}

@@ -13,7 +13,7 @@ import torch
 from attacks.relearn import Relearn
 from harness.errors import ConfigError
 from harness.outcome import RecoveryRule, first_event
-from reporting import report
+from reporting import tables
 from runner.validate import validate
 from tests.conftest import compose_cfg
 
@@ -114,15 +114,15 @@ def record(kind: str, step: int, hazard: float, lr: float = 1e-3, seed: int = 0)
 
 
 def cells(records) -> pd.Series:
-    df = pd.DataFrame([report.record_row(report.Path(f"run{i}/result.json"), r) for i, r in enumerate(records)])
-    return report.relearning_table(df)["adam"].iloc[0]
+    df = pd.DataFrame([tables.record_row(tables.Path(f"run{i}/result.json"), r) for i, r in enumerate(records)])
+    return tables.relearning_table(df)["adam"].iloc[0]
 
 
 def test_the_three_cell_kinds_render_differently():
     row = cells([record("recovered", 30, 0.953, 1e-3), record("diverged", 10, 0.195, 3e-3),
                  record("not_recovered", 150, 0.42, 1e-4)])
     assert (row["lr=1e-4"], row["lr=1e-3"], row["lr=3e-3"]) == (">150 / 0.420", "✓30 / 0.953", "†10 / 0.195")
-    tex = report.latex_escape(" ".join([row["lr=1e-4"], row["lr=1e-3"], row["lr=3e-3"]]))
+    tex = tables.latex_escape(" ".join([row["lr=1e-4"], row["lr=1e-3"], row["lr=3e-3"]]))
     assert tex == r"$>$150 / 0.420 \checkmark{}30 / 0.953 $\dagger$10 / 0.195"
 
 

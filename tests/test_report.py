@@ -1,4 +1,4 @@
-"""reporting.report / reporting.plots on hand-made records: the exact Markdown of the paper's tables,
+"""reporting.tables / reporting.report / reporting.plots on hand-made records: the exact Markdown of the paper's tables,
 including † for diverged runs, — for runs not made, mean ± std over seeds, and skipped broken records."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reporting import report
+from reporting import report, tables
 
 BASE = {"hazard_acc": 0.6, "utility_acc": 0.9, "retain_ppl": 3.0, "forget_ppl": 4.0,
         "acc/wmdp_bio": 0.6, "acc/mmlu": 0.9, "acc/hellaswag": 0.5, "acc_norm/hellaswag": 0.55}
@@ -126,7 +126,7 @@ _{note2}_
 | layer collapse | specdef(elm, α=1e4) | adam + undo=collapse | 0.200 | -0.010 | ✓20 / 0.600 | — |
 
 _{note1}_
-""".format(note0=report.NOTE_SUMMARY, note1=report.NOTE_TABLE1, note2=report.NOTE_UTILITY)
+""".format(note0=tables.NOTE_SUMMARY, note1=tables.NOTE_TABLE1, note2=tables.NOTE_UTILITY)
 
 
 @pytest.fixture()
@@ -167,25 +167,25 @@ def test_csv_and_latex_carry_the_same_cells(sweep, tmp_path):
 
 
 def test_missing_run_is_a_dash_never_zero(sweep):
-    df = report.records_frame(sweep)
+    df = tables.records_frame(sweep)
     assert len(df) == len(RECORDS)  # the truncated and the running record are skipped
-    sgd = report.relearning_table(df)["sgd"].set_index("defense")
-    assert sgd.loc["rmu", "lr=1e-4"] == report.MISSING
+    sgd = tables.relearning_table(df)["sgd"].set_index("defense")
+    assert sgd.loc["rmu", "lr=1e-4"] == tables.MISSING
     assert "lr=1e-3" not in sgd.columns  # each optimizer's own grid: sgd never ran at 1e-3
-    assert sgd.loc["rmu", "initial acc"] == report.MISSING
+    assert sgd.loc["rmu", "initial acc"] == tables.MISSING
 
 
 def test_ablation_mapping_from_config():
-    assert report.ablation(make_record(**SPEC, undo="spectral")) == "spectral attack"
-    assert report.ablation(make_record("rmu", undo="collapse")) == "layer collapse"
-    assert report.ablation(make_record(**SPEC, compensate=False)) == "no compensation"
-    assert report.ablation(make_record(**SPEC, optimizer="adahessian")) == "curvature-aware optimizer"
-    assert report.ablation(make_record("rmu", optimizer="sophia")) is None
+    assert tables.ablation(make_record(**SPEC, undo="spectral")) == "spectral attack"
+    assert tables.ablation(make_record("rmu", undo="collapse")) == "layer collapse"
+    assert tables.ablation(make_record(**SPEC, compensate=False)) == "no compensation"
+    assert tables.ablation(make_record(**SPEC, optimizer="adahessian")) == "curvature-aware optimizer"
+    assert tables.ablation(make_record("rmu", optimizer="sophia")) is None
 
 
 @pytest.mark.parametrize("x, text", [(1e-4, "1e-4"), (3e-5, "3e-5"), (1e4, "1e4"), (0.5, "0.5"), (2.5e-6, "2.5e-6")])
 def test_number_format(x, text):
-    assert report.fmt_number(x) == text
+    assert tables.fmt_number(x) == text
 
 
 def test_plots_are_written(sweep, tmp_path):
@@ -196,7 +196,7 @@ def test_plots_are_written(sweep, tmp_path):
     pd.DataFrame({"alpha": [10, 100, 10, 100], "dtype": ["float32", "float32", "bfloat16", "bfloat16"],
                   "rel_error": [1e-6, 1e-5, 1e-2, 1e-1]}).to_csv(csv_dir / "precision_frontier.csv")
     from reporting import plots
-    written = plots.write_plots(report.load_records(sweep), tmp_path / "png", csv_dirs=[csv_dir])
+    written = plots.write_plots(tables.load_records(sweep), tmp_path / "png", csv_dirs=[csv_dir])
     names = sorted(p.name for p in written)
     assert names == ["drift_vs_alpha.png", "hazard_adam.png", "hazard_sgd.png", "hazard_sophia.png",
                      "loss_adam.png", "loss_sgd.png", "loss_sophia.png", "sigma1_vs_alpha.png"]
@@ -242,8 +242,8 @@ def test_headline_shows_each_defense_at_the_lr_the_summary_picks(sweep, tmp_path
             drawn.append(label)
         return real_plot(ax, *args, label=label, **kwargs)
     monkeypatch.setattr(plots.plt.Axes, "plot", spy)
-    records = report.load_records(sweep)
-    path = plots.headline(records, report.frame_of(records), tmp_path / "headline.png")
+    records = tables.load_records(sweep)
+    path = plots.headline(records, tables.frame_of(records), tmp_path / "headline.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     # the summary table's cells: none and rmu at 1e-3 (fastest recovery), specdef at 1e-3
     assert drawn == ["none (lr 1e-3)", "rmu (lr 1e-3)", "specdef(elm, α=1e4) (lr 1e-3)"]
