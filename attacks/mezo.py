@@ -25,6 +25,7 @@ from attacks.noise import gaussians
 
 class MeZO(torch.optim.Optimizer):
     forward_only = True  # harness.train.train_loop calls step(closure) and never backward
+    states_per_parameter = 0  # the perturbation is redrawn from its seed: nothing kept (the memory plan)
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0):
         if not (lr > 0 and eps > 0 and weight_decay >= 0):

@@ -1,8 +1,10 @@
-"""Which parameters each attack optimizer gets, and which optimizers need a double backward.
+"""Which parameters each attack optimizer gets, and what the optimizer side knows of each class.
 
 The optimizers themselves are library classes named by `_target_` in `conf/attack/<name>.yaml`
 (torch.optim.SGD / Adam / AdamW / Muon, pytorch_optimizer.SophiaH / AdaHessian); nothing here
-re-implements an update rule.
+re-implements an update rule. What the runner must know of an optimizer before building it is read
+from its class: `forward_only` and `needs_double_backward` class attributes, and its optimizer state
+per parameter (`states_per_parameter`: a class attribute, else the STATES registry by class name).
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from harness.errors import ConfigError
 # `needs_double_backward`.
 SECOND_ORDER = frozenset({"SophiaH", "AdaHessian"})
 PARAM_SPLITS = ("muon",)
+# Optimizer state kept per trained parameter, by class name, for the memory plan (e.g. Adam's two
+# moments). A class of ours says it itself with a `states_per_parameter` class attribute.
+STATES = {"Adam": 2, "AdamW": 2, "SGD": 1, "Muon": 1, "SophiaH": 2, "AdaHessian": 2, "Lion": 1, "SignSGD": 1,
+          "Adagrad": 1, "ScheduleFreeAdamW": 2}
 
 
 def needs_double_backward(optimizer: torch.optim.Optimizer) -> bool:
@@ -37,6 +43,52 @@ def config_needs_double_backward(attack_cfg) -> bool:
         return True
     targets = [(attack_cfg.get(key) or {}).get("_target_") for key in ("optimizer", "aux_optimizer")]
     return any(t.rsplit(".", 1)[-1] in SECOND_ORDER for t in targets if isinstance(t, str))
+
+
+def optimizer_class(node) -> type | None:
+    """The class an optimizer config's `_target_` names; None if it has none or cannot be imported
+    (Hydra reports that, with its own message, when it builds the optimizer)."""
+    target = (node or {}).get("_target_")
+    if not isinstance(target, str):
+        return None
+    try:
+        from hydra.utils import get_class
+        return get_class(target)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def forward_only(node) -> bool:
+    """A zeroth-order optimizer (class attribute `forward_only`, e.g. attacks.mezo.MeZO): no gradient."""
+    return bool(getattr(optimizer_class(node), "forward_only", False))
+
+
+def states_per_parameter(node, default: int) -> int:
+    """Optimizer state per trained parameter of the optimizer `node` configures (`default`: unknown)."""
+    cls = optimizer_class(node)
+    if cls is not None and hasattr(cls, "states_per_parameter"):
+        return int(cls.states_per_parameter)
+    name = cls.__name__ if cls is not None else str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
+    if name == "SGD" and not (node or {}).get("momentum", 0):
+        return 0  # plain SGD keeps no momentum buffer
+    return STATES.get(name, default)
+
+
+def check_optimizer_config(attack) -> None:
+    """What the optimizer cannot take, from the attack's config alone (before anything is built)."""
+    target = (attack.get("optimizer") or {}).get("_target_")
+    if not isinstance(target, str):
+        return
+    # torch.optim.Muon orthogonalises matrices: it rejects embeddings' 1-D neighbours (norms, biases)
+    if target.endswith("Muon") and attack.get("param_split") is None and attack.get("peft") is None:
+        raise ConfigError(f"attack.param_split=None with attack.optimizer._target_={target}: Muon takes only the "
+                          "hidden 2-D weights; allowed attack.param_split=muon (AdamW on the rest) or LoRA")
+    # a zeroth-order optimizer computes no gradient: clipping, a double backward or a second optimizer cannot apply
+    for key in ("max_grad_norm", "second_order", "param_split"):
+        value = attack.get(key)
+        if forward_only(attack.optimizer) and value not in (None, False):
+            raise ConfigError(f"attack.{key}={value!r} with attack.optimizer._target_={target}: allowed null/false "
+                              "(a forward-only optimizer takes no gradient)")
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -17,14 +17,20 @@ from typing import Callable
 
 import torch
 
-from attacks.optimizers import build_optimizers, current_lr, needs_double_backward, trainable as trainable_params
-from attacks.partial import apply as apply_partial, check_patterns
 from attacks.checkpoint import AttackCheckpoint
+from attacks.optimizers import (PARAM_SPLITS, build_optimizers, check_optimizer_config, config_needs_double_backward,
+                                current_lr, forward_only, needs_double_backward, states_per_parameter,
+                                trainable as trainable_params)
+from attacks.partial import apply as apply_partial, check_patterns
 from harness import distributed
 from harness.batches import batch_iterator
+from harness.data import split_task_names
 from harness.errors import ConfigError
 from harness.interfaces import NoAttack  # noqa: F401 - conf/attack/none.yaml's _target_ (see there)
+from harness.memory import Costs, Defended, Shape, Stage, lora_params
 from harness.outcome import RECOVERY_RULES, AttackResult, RecoveryRule, best, divergence, first_event, steps_to_recover
+from harness.rules import (MISSING, Rule, check_rules, get, non_negative_int, one_of, or_none, positive, positive_int,
+                           unit_interval)
 from harness.train import lm_loss, lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,27 @@ DATA_SOURCES = ("forget", "questions", "retain", "unrelated")
 SPLIT_SOURCES = ("forget", "questions")  # drawn from chosen hazard splits: the others are held out
 # where LoRA sits on a SpecDef-defended layer (attacks/lora.py)
 LORA_PLACEMENTS = ("around", "inner", "comp", "parts")
+# The attack's own keys (harness/rules.py), checked before any model loads (`Relearn.check_config`).
+RULES: list[Rule] = [
+    ("steps", non_negative_int, "an integer >= 0"),
+    ("batch_size", positive_int, "an integer >= 1"),
+    ("grad_accum", positive_int, "an integer >= 1"),
+    ("eval_every", positive_int, "an integer >= 1"),
+    ("warmup_steps", non_negative_int, "an integer >= 0"),
+    ("schedule", one_of("constant", "linear", "cosine"), "constant, linear or cosine"),
+    ("divergence_factor", positive, "a finite number > 0"),
+    ("recovery_rule", one_of(*RECOVERY_RULES), "intact or legacy"),
+    ("intact_ppl_factor", positive, "a finite number > 0"),
+    ("max_utility_drop", unit_interval, "a number in [0, 1]"),
+    ("data.source", one_of(*DATA_SOURCES), "forget, questions, retain or unrelated"),
+    ("data.n_samples", or_none(positive_int), "null or an integer >= 1"),
+    ("undo", one_of(None, "collapse", "spectral"), "null, collapse or spectral"),
+    ("param_split", one_of(None, *PARAM_SPLITS), "null or muon"),
+    ("lora_placement", one_of(*LORA_PLACEMENTS), "around, inner, comp or parts"),
+    ("recover_metric", one_of(*RECOVER_METRICS), "hazard_acc, relearned_acc or heldout_acc"),
+    ("sharpness_every", or_none(positive_int), "null or an integer >= 1"),
+    ("checkpoint_every", or_none(positive_int), "null or an integer >= 1"),
+]
 
 
 def relearn_texts(data, source: str, splits, n_samples: int | None, seed: int) -> list[str]:
@@ -111,6 +138,45 @@ class Relearn:
         self.selection: dict = {}  # what was trained (recorded)
         self.sharpness_every, self.sharpness_iters = _check_sharpness(sharpness_every, eval_every), sharpness_iters
         self.checkpoint_every = checkpoint_every  # save for resumption every N steps (at evaluated steps)
+
+    # Hooks (harness/hooks.py): what the runner asks of the attack before anything is built.
+
+    @staticmethod
+    def check_config(cfg, node, key: str) -> None:
+        check_rules(node, RULES, f"{key}.")
+        _check_splits(cfg, node)
+        check_optimizer_config(node)
+        _check_recovery_rule(cfg, node)
+        _check_split_metric(cfg, node)
+
+    needs_double_backward = staticmethod(config_needs_double_backward)
+
+    @staticmethod
+    def memory_stage(node, shape: Shape, c: Costs, defended: Defended) -> Stage:
+        """Per rank: the (defended) model, what the optimizer trains and keeps, the activations."""
+        undo = bool(node.get("undo"))  # the attacker removes what the defense added before fine-tuning
+        params = shape.params + (0 if undo else defended.extra_params)
+        peft, optimizer = node.get("peft"), node.optimizer
+        if peft is not None:
+            trained = lora_params(shape, list(peft.target_modules), int(peft.r))
+            params += trained
+            states = states_per_parameter(optimizer, 2) * trained
+        elif node.get("param_split") == "muon":
+            trained = params
+            states = (states_per_parameter(optimizer, 1) * shape.matrix_params
+                      + states_per_parameter(node.aux_optimizer, 2) * (trained - shape.matrix_params))
+        else:
+            trained = params
+            states = states_per_parameter(optimizer, 2) * trained
+        if forward_only(optimizer):  # no gradients; forward passes without a graph (logits only)
+            gradients, activations = 0.0, c.per_token(node.batch_size, 2 * shape.vocab)
+        else:
+            gradients = c.weights(trained)
+            activations = c.activations(node.batch_size, extra_per_block=0 if undo else defended.extra_per_block,
+                                        double_backward=config_needs_double_backward(node))
+        return Stage(f"{node.name}{' + lora' if peft is not None else ''}", {
+            "weights": c.weights(params), "gradients": gradients, "optimizer": c.weights(states),
+            "fsdp gathered": c.working_set(not forward_only(optimizer)), "activations": activations})
 
     def prepare(self, model):
         """The model fine-tuning starts from: defense undone (if asked), then LoRA-wrapped (if asked)."""
@@ -285,6 +351,43 @@ def evaluation_point(optimizers):
     finally:
         set_mode(optimizers, "train")
 
+
+# Checks of the config before any model loads (`Relearn.check_config`)
+
+def _check_splits(cfg, attack) -> None:
+    n = get(cfg, "data.n_splits")
+    if n is MISSING:
+        n = get(cfg, "data.world.n_splits")
+    splits = get(attack, "data.splits")
+    if n is MISSING or splits is MISSING or splits is None:
+        return
+    for s in splits:
+        if not (isinstance(s, int) and 0 <= s < n):
+            raise ConfigError(f"attack.data.splits={list(splits)}: allowed hazard split indices 0..{n - 1}")
+
+
+def _check_recovery_rule(cfg, attack) -> None:
+    """The intact rule bounds the utility drop: it needs utility tasks to measure it."""
+    tasks = get(cfg, "eval.utility_tasks")
+    if attack.get("recovery_rule") == "intact" and tasks is not MISSING and tasks is not None and not len(tasks):
+        raise ConfigError("attack.recovery_rule=intact with eval.utility_tasks=[]: allowed attack.recovery_rule=legacy, "
+                          "or utility tasks to measure the model's utility")
+
+
+def _check_split_metric(cfg, attack) -> None:
+    """relearned_acc / heldout_acc are the accuracies of the splits' own tasks (at paper scale the wmdp_bio
+    folds): an explicit eval.hazard_tasks without them would leave both null in every record."""
+    metric, tasks = attack.get("recover_metric"), get(cfg, "eval.hazard_tasks")
+    if metric not in ("relearned_acc", "heldout_acc") or tasks in (None, MISSING):
+        return
+    wanted = split_task_names(get(cfg, "data"))
+    if wanted is not None and not set(wanted.values()) <= set(tasks):
+        raise ConfigError(f"attack.recover_metric={metric} with eval.hazard_tasks={list(tasks)}: the splits are scored "
+                          f"by their own tasks {sorted(set(wanted.values()))}; allowed eval.hazard_tasks=null "
+                          "(as experiment=heldout and experiment=rtt set) or a list containing them")
+
+
+# Checks of the arguments when the attack is built
 
 def _check_data(data) -> dict:
     data = dict(data)

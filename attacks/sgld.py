@@ -19,6 +19,8 @@ from attacks.noise import gaussians
 
 
 class SGLD(torch.optim.Optimizer):
+    states_per_parameter = 0  # the noise is drawn from (seed, step): no momentum (the memory plan)
+
     def __init__(self, params, lr: float = 1e-3, temperature: float = 1.0, weight_decay: float = 0.0, seed: int = 0):
         if not (lr > 0 and temperature > 0 and weight_decay >= 0):
             raise ValueError(f"SGLD: lr={lr}, temperature={temperature}, weight_decay={weight_decay}: allowed "

@@ -17,7 +17,22 @@ import torch.nn.functional as F
 from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
+from harness.rules import Rule, check_rules, non_negative_int, positive, positive_int
 from harness.train import LoopResult
+
+# Config rules (harness/rules.py) of keys several baselines share: each baseline's `check_config` hook
+# (harness/hooks.py, `rules_hook`) checks those of its config before any model loads.
+ALPHA: Rule = ("alpha", positive, "a finite number > 0")
+STEPS: Rule = ("steps", non_negative_int, "an integer >= 0")
+BATCH_SIZE: Rule = ("batch_size", positive_int, "an integer >= 1")
+LR: Rule = ("lr", positive, "a finite number > 0")
+
+
+def rules_hook(*rules: Rule):
+    """A `check_config` hook that checks `rules` on the defense's own config."""
+    def check_config(cfg, node, key: str) -> None:
+        check_rules(node, list(rules), f"{key}.")
+    return staticmethod(check_config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from baselines.common import (TermLog, adamw, check_layer_ids, forget_texts, mean_nll, run_info, zip_batches)
+from baselines.common import (BATCH_SIZE, LR, STEPS, TermLog, adamw, check_layer_ids, forget_texts, mean_nll,
+                              rules_hook, run_info, zip_batches)
 from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
+from harness.memory import Costs, Shape, Stage, lora_params, training_stage
 from harness.train import train_loop
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,18 @@ def _texts(prompt: str | Sequence[str] | None) -> list[str] | None:
 
 class ELM:
     name = "elm"
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+    check_config = rules_hook(STEPS, BATCH_SIZE, LR)
+
+    @classmethod
+    def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:
+        """LoRA adapters on `lora_layers` train on forget, retain and consistency text."""
+        trained = lora_params(shape, ATTN_MLP, int(node.lora_r), list(node.lora_layers))
+        batch = int(node.get("batch_size", 1))
+        return [training_stage(cls.name, c, shape.params + trained, trained, {
+            "activations": c.activations(batch, forwards=3),  # forget, retain and consistency text
+            "erase target": c.per_token(batch, 4 * shape.vocab)})]  # three log-softmaxes and the target
 
     def __init__(self, lora_layers: Sequence[int], lora_r: int, lora_alpha: float, lora_dropout: float,
                  eta: float, top_k: int | None, temperature: float, gamma: float,

@@ -28,9 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from baselines.common import (TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy,
-                              mean_nll, run_info, sequence_nll)
+from baselines.common import (BATCH_SIZE, LR, STEPS, TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy,
+                              mean_nll, rules_hook, run_info, sequence_nll)
 from harness import distributed
+from harness.memory import Costs, Shape, Stage, training_stage
+from harness.rules import non_negative
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,16 @@ def npo_loss(nll: torch.Tensor, nll_ref: torch.Tensor, beta: float) -> torch.Ten
 
 class NPO:
     name = "npo"
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+    check_config = rules_hook(STEPS, BATCH_SIZE, LR, ("warmup_epochs", non_negative, "a number >= 0"))
+
+    @classmethod
+    def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:
+        """Every weight trains, against a frozen reference copy."""
+        batch = int(node.get("batch_size", 1))
+        return [training_stage(cls.name, c, shape.params, shape.params, {
+            "frozen copy": c.weights(shape.params), "activations": c.activations(batch, forwards=2)})]
 
     def __init__(self, beta: float, npo_coeff: float, retain_coeff: float, lr: float, weight_decay: float,
                  steps: int, batch_size: int, grad_accum: int = 1, warmup_epochs: float = 1.0,

@@ -12,19 +12,8 @@ from __future__ import annotations
 from harness.errors import ConfigError
 from harness.models import check_model_path, from_pretrained
 
-TARGET = f"{__name__}.ReleasedCheckpoint"
 # The architecture fields a release must share with the run's model (the same family and size).
 SAME = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-
-
-def check_config(cfg) -> None:
-    """Validation hook: the run's defense, or SpecDef's base, is a released checkpoint: check its path."""
-    defense = cfg.get("defense") or {}
-    if defense.get("_target_") == TARGET:
-        check_model_path(defense.get("path"), key="defense.path", revision=defense.get("revision"))
-    elif defense.get("base") == "checkpoint":
-        overrides = defense.get("base_overrides") or {}
-        check_model_path(overrides.get("path"), key="defense.base_overrides.path", revision=overrides.get("revision"))
 
 
 class ReleasedCheckpoint:
@@ -32,6 +21,17 @@ class ReleasedCheckpoint:
     the default branch). Loaded in the run model's dtype and attention kernel, on its device."""
     name = "checkpoint"
     cacheable = False  # the release is already on disk: a cached copy would only duplicate it
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+
+    @staticmethod
+    def check_config(cfg, node, key: str) -> None:
+        """A release out of reach stops here (also as SpecDef's base: key defense.base_overrides)."""
+        check_model_path(node.get("path"), key=f"{key}.path", revision=node.get("revision"))
+
+    @staticmethod
+    def memory_stages(node, shape, costs) -> list:
+        return []  # loaded, not trained: the attack's and the evaluation's stages hold its weights
 
     def __init__(self, path: str, revision: str | None = None):
         self.path, self.revision = path, revision

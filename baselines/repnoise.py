@@ -20,9 +20,10 @@ from typing import Sequence
 
 import torch
 
-from baselines.common import (TermLog, adamw, capture_outputs, decoder_layers, forget_retain_batches,
-                              forget_texts, logit_lens, mean_nll, run_info)
+from baselines.common import (ALPHA, BATCH_SIZE, LR, STEPS, TermLog, adamw, capture_outputs, decoder_layers,
+                              forget_retain_batches, forget_texts, logit_lens, mean_nll, rules_hook, run_info)
 from harness import distributed
+from harness.memory import Costs, Shape, Stage, training_stage
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,17 @@ def ascent_term(lens_ces: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class RepNoise:
     name = "repnoise"
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+    check_config = rules_hook(ALPHA, STEPS, BATCH_SIZE, LR)
+
+    @classmethod
+    def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:
+        """Every weight trains on forget and retain text; the logit lens keeps logits of every layer."""
+        batch = int(node.get("batch_size", 1))
+        return [training_stage(cls.name, c, shape.params, shape.params, {
+            "activations": c.activations(batch, forwards=2),  # forget and retain text
+            "logit lens": c.per_token(batch, 2 * shape.layers * shape.vocab)})]  # logits + log-softmax per layer
 
     def __init__(self, alpha: float, beta: float, lr: float, steps: int, batch_size: int,
                  warmup_ratio: float = 0.1, forget_splits: Sequence[int] = (0, 1), seed: int = 0):

@@ -18,10 +18,13 @@ from typing import Sequence
 
 import torch
 
-from baselines.common import (RETAIN_CORPORA, TermLog, adamw, capture_outputs, check_layer_ids, decoder_layers,
-                              forget_retain_batches, forget_texts, frozen_copy, only_train, run_info)
+from baselines.common import (ALPHA, BATCH_SIZE, LR, RETAIN_CORPORA, STEPS, TermLog, adamw, capture_outputs,
+                              check_layer_ids, decoder_layers, forget_retain_batches, forget_texts, frozen_copy,
+                              only_train, rules_hook, run_info)
 from harness import distributed
 from harness.errors import ConfigError
+from harness.memory import Costs, Shape, Stage, training_stage
+from harness.rules import one_of
 from harness.train import train_loop
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,18 @@ def retain_term(h: torch.Tensor, h_frozen: torch.Tensor, mask: torch.Tensor) -> 
 
 class RMU:
     name = "rmu"
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+    check_config = rules_hook(ALPHA, STEPS, BATCH_SIZE, LR,
+                              ("retain_corpus", one_of(*RETAIN_CORPORA), "retain or unrelated"))
+
+    @classmethod
+    def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:
+        """The MLP output weights of `param_layers` train; a frozen copy steers the retain activations."""
+        trained = len(node.param_layers) * shape.hidden * shape.intermediate
+        batch = int(node.get("batch_size", 1))
+        return [training_stage(cls.name, c, shape.params, trained, {
+            "frozen copy": c.weights(shape.params), "activations": c.activations(batch, forwards=2)})]
 
     def __init__(self, layer_id: int, param_layers: Sequence[int], steering_coef: float, alpha: float,
                  lr: float, steps: int, batch_size: int, retain_corpus: str = "unrelated",

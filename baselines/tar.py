@@ -34,13 +34,24 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from baselines.common import (TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy, mean_nll,
+from baselines.common import (BATCH_SIZE, TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy, mean_nll,
                               run_info, to_device)
 from harness import distributed
 from harness.batches import batch_iterator
+from harness.distributed import check_rows_per_rank
+from harness.memory import Costs, Shape, Stage, training_stage
+from harness.rules import Rule, check_rules, non_negative_int, positive_int
 from harness.train import lm_loss, lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
+# TAR's own keys (harness/rules.py), checked before any model loads (`TAR.check_config`).
+RULES: list[Rule] = [
+    ("rm_steps", non_negative_int, "an integer >= 0"),
+    ("outer_steps", non_negative_int, "an integer >= 0"),
+    ("inner_steps", positive_int, "an integer >= 1"),
+    ("inner_subsample", positive_int, "an integer >= 1"),
+    BATCH_SIZE,
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +104,25 @@ def attach_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor], grads: S
 
 class TAR:
     name = "tar"
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+
+    @staticmethod
+    def check_config(cfg, node, key: str) -> None:
+        check_rules(node, RULES, f"{key}.")
+        if (cfg.get("dist") or {}).get("name") == "fsdp":  # every rank trains on its own rows of each batch
+            check_rows_per_rank(f"{key}.adversary_batch_size", node.get("adversary_batch_size"),
+                                distributed.launched_world_size())
+
+    @classmethod
+    def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:
+        """Every weight trains, against a frozen copy, with an inner adversary (its AdamW state, a saved
+        θ and the meta-gradient)."""
+        p = shape.params
+        batch = max(int(node.get("batch_size", 1)), int(node.get("adversary_batch_size", 1)))
+        return [training_stage(cls.name, c, p, p, {
+            "frozen copy": c.weights(p), "adversary state": c.weights(4 * p),
+            "activations": c.activations(batch, forwards=2)})]
 
     def __init__(self, rm_steps: int, rm_lr: float, outer_steps: int, outer_lr: float, warmup_steps: int,
                  inner_steps: int, inner_subsample: int, adversary_lrs: Sequence[float], adversary_batch_size: int,

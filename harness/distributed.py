@@ -66,6 +66,13 @@ def launched_world_size() -> int:
     return 1
 
 
+def check_rows_per_rank(key: str, size, ranks: int) -> None:
+    """Under dist=fsdp every rank trains on its own rows of each batch: a batch needs a row per rank."""
+    if isinstance(size, int) and size < ranks:
+        raise ConfigError(f"{key}={size} with {ranks} ranks: every rank trains on its own rows of each batch; "
+                          f"allowed {key} >= {ranks}")
+
+
 def setup(cfg) -> None:
     """Join this run's process group (dist=fsdp), before any work. dist=none stays one process and
     refuses a launch of several (each would run the whole job and write the same files)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from harness.memory import Stage
 from harness.outcome import AttackResult, first_event, steps_to_recover
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class NoDefense:
     """The undefended model (`defense=none`)."""
     name = "none"
 
+    @staticmethod
+    def memory_stages(node, shape, costs) -> list[Stage]:
+        return []  # nothing trains (a memory hook: harness/hooks.py)
+
     def __init__(self):
         self.info: dict = {}
 
@@ -61,6 +66,10 @@ class NoAttack:
 
     def __init__(self, recover_threshold: float | None = None):
         self.recover_threshold = recover_threshold
+
+    @staticmethod
+    def memory_stage(node, shape, costs, defended) -> Stage:
+        return Stage("none", {})  # nothing trains; the evaluation stage counts the model
 
     def __call__(self, model, tokenizer, data, evaluator, *, start, threshold, on_eval=None, checkpoint_dir=None):
         point = {"step": 0, "loss": None, **start}

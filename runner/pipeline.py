@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -17,8 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.partial import preflight as check_attack_patterns
-import baselines  # noqa: F401 - their source keys the defended-model cache
-from harness import distributed
+from harness import distributed, hooks
 from harness.data import Data, load_data
 from harness.errors import ConfigError
 from harness.evaluate import build_evaluator, model_fingerprint, preflight
@@ -30,7 +28,6 @@ from runner import memory_plan
 from runner.objective import constrained_objective
 from runner.report import log_run_report
 from runner.validate import validate
-import specdef  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +49,7 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
         return defense(model, tokenizer, data)
     from specdef.release import load_defended
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}
-    parts["code"] = _defense_code_hash(defense)  # edited method code must not be served from the cache
+    parts["code"] = _source_digest(hooks.cache_sources(cfg.defense))  # edited method code must not be served
     parts["weights"] = model_fingerprint(model)
     folder = cache_dir / "defended" / config_hash(parts)
     info_path = folder / "defense_info.json"
@@ -83,20 +80,12 @@ def _cache_defended(model, defense, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _defense_code_hash(defense) -> str:
-    """Hash of every defense's source: the defense's own package and both method packages, since a
-    SpecDef over a baseline runs code from both."""
-    packages = {Path(sys.modules[type(defense).__module__].__file__).parent,
-                *(Path(sys.modules[m].__file__).parent for m in ("specdef", "baselines"))}
+def _source_digest(paths) -> str:
+    """Hash of the defense's source files (harness/hooks.py: `cache_sources`)."""
     digest = hashlib.sha256()
-    for path in sorted(p for package in packages for p in package.glob("*.py")):
+    for path in sorted(set(paths)):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def _needs_double_backward(cfg: DictConfig) -> bool:
-    from attacks.optimizers import config_needs_double_backward
-    return config_needs_double_backward(OmegaConf.select(cfg, "attack"))
 
 
 def print_summary(record: dict) -> None:
@@ -147,7 +136,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             data = load_data(cfg.data, cache_dir)
             preflight(cfg.eval, data)  # a missing eval dataset stops the run here, before any model is loaded
         with timed(timings, "load_model"), distributed.main_first():
-            attn = "eager" if _needs_double_backward(cfg) else None
+            attn = "eager" if hooks.needs_double_backward(cfg.attack) else None
             # dist=fsdp: the plain model stays in host memory; its shards go to each rank's device
             device = "cpu" if distributed.active() else None
             model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn,

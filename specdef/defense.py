@@ -21,16 +21,31 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from harness import distributed
+from harness import distributed, hooks
 from harness.errors import ConfigError
+from harness.memory import Costs, Defended, Shape, Stage, training_stages
 from harness.models import DTYPES
-from specdef.core import NITER, check_alpha, check_k_policy, check_method, plan_layers, transform
+from harness.rules import Rule, check_rules, non_negative_int, one_of, positive, positive_int
+from specdef.core import (COMPUTE_DTYPES, K_POLICIES, METHODS, NITER, check_alpha, check_k_policy, check_method,
+                          match_layers, plan_layers, transform)
 from specdef.drift import function_drift, max_supported_alpha
+from specdef.modules import output_weights
 from specdef.release import manifest_record, save_defended
 
 log = logging.getLogger(__name__)
 DEFENSE_CONF = Path(__file__).resolve().parents[1] / "conf" / "defense"
 SCALE_CONF = Path(__file__).resolve().parents[1] / "conf" / "defense_scale"
+# SpecDef's own keys (harness/rules.py), checked before any model loads (`SpecDef.check_config`).
+RULES: list[Rule] = [
+    ("alpha", positive, "a finite number > 0"),
+    ("k", positive_int, "an integer >= 1"),
+    ("drift_tolerance", positive, "a finite number > 0"),
+    ("drift_samples", positive_int, "an integer >= 1"),
+    ("method", one_of(*METHODS), "lowrank or exact"),
+    ("k_policy", one_of(*K_POLICIES), "error, clip or skip"),
+    ("niter", non_negative_int, "an integer >= 0"),
+    ("compute_dtype", one_of(*COMPUTE_DTYPES), "float64 or float32"),
+]
 
 
 def load_base_config(base: str | Mapping, overrides: Mapping | None, scale: str | None = None) -> DictConfig:
@@ -82,14 +97,34 @@ def check_alpha_fits(alpha: float, dtype: torch.dtype, tolerance: float, strict:
                           f"<= {bound:.2g}, a wider defense.dtype, or defense.strict_drift=false")
 
 
-def check_config(cfg) -> None:
-    """Validation hook (before any model loads): a SpecDef run's α against its storage dtype."""
-    defense = cfg.get("defense") or {}
-    if not str(defense.get("_target_", "")).startswith("specdef.") or not defense.get("strict_drift"):
-        return
+def check_strict_alpha(cfg, defense) -> None:
+    """With strict_drift, an α the storage dtype (defense.dtype, else the model's) cannot carry."""
     dtype = defense.get("dtype") or (cfg.get("model") or {}).get("dtype")
-    if dtype in DTYPES and isinstance(defense.get("alpha"), (int, float)):
+    if defense.get("strict_drift") and dtype in DTYPES and isinstance(defense.get("alpha"), (int, float)):
         check_alpha_fits(float(defense.alpha), DTYPES[dtype], defense.get("drift_tolerance", 1e-2), True)
+
+
+def base_config(defense) -> DictConfig | None:
+    """The config of the defense SpecDef runs first (None: none); what its hooks are asked about."""
+    base = defense.get("base")
+    if not isinstance(base, (str, Mapping)):
+        return None
+    return load_base_config(base, defense.get("base_overrides"), defense.get("base_scale"))
+
+
+def check_base(cfg, defense) -> None:
+    """The base defense's own checks (e.g. a released checkpoint out of reach), on its merged config."""
+    base = base_config(defense)
+    if base is not None:
+        hooks.check_config(cfg, base, "defense.base_overrides")
+
+
+def defended_widths(shape: Shape, defense) -> list[int]:
+    """Output width of every layer SpecDef defends (its layer patterns, or each family's defaults): Linear,
+    Conv1D and MoE experts modules alike, each getting one out x out compensation."""
+    layers = defense.get("layers")
+    names = match_layers(shape.meta_model, None if layers is None else list(layers))
+    return [output_weights(shape.meta_model.get_submodule(n))[0].shape[1] for n in names]
 
 
 class SpecDef:
@@ -112,6 +147,35 @@ class SpecDef:
     save_dir: also write the release there.
     """
     name = "specdef"
+
+    # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
+
+    @staticmethod
+    def check_config(cfg, node, key: str) -> None:
+        check_rules(node, RULES, f"{key}.")
+        check_base(cfg, node)  # a released base out of reach stops here, before any model is loaded
+        check_strict_alpha(cfg, node)
+
+    @staticmethod
+    def memory_stages(node, shape: Shape, costs: Costs) -> list[Stage]:
+        """SpecDef itself trains nothing; over a base, the base's training comes first."""
+        base = base_config(node)
+        if base is None:
+            return []
+        return [dataclasses.replace(s, name=f"specdef over {s.name}") for s in training_stages(base, shape, costs)]
+
+    @staticmethod
+    def memory_defended(node, shape: Shape) -> Defended:
+        """An out x out compensation per defended layer (its input kept for backward), in defense.dtype."""
+        widths = defended_widths(shape, node)
+        return Defended(extra_params=sum(w * w for w in widths), extra_per_block=shape.hidden if widths else 0,
+                        dtype=node.get("dtype"))
+
+    @staticmethod
+    def cache_sources(node) -> list[Path]:
+        """SpecDef's package and, over a base, the base's sources: the defended model runs code of both."""
+        base = base_config(node)
+        return hooks.package_sources(SpecDef) + (hooks.cache_sources(base) if base is not None else [])
 
     def __init__(self, alpha: float, k: int, layers: Sequence[str] | None = None, method: str = "lowrank",
                  niter: int = NITER, compute_dtype: str = "float64", drift_tolerance: float = 1e-2,

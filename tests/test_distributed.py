@@ -202,11 +202,13 @@ def test_plan_counts_specdef_on_conv1d_and_moe_experts():
     """SpecDef's compensation (out x out per defended layer) is in the plan whatever the layer's kind:
     GPT-2's Conv1D c_proj and Mixtral's fused experts, found by SpecDef's own default patterns."""
     from transformers import AutoConfig
+
+    from specdef.defense import defended_widths
     defense = compose_cfg("defense=specdef", "defense.layers=null").defense  # each family's defaults
     for model_type, extra in dist_worker.FAMILIES.items():
         config = AutoConfig.for_model(model_type, **dist_worker.FAMILY_SHAPE, **extra)
         shape = memory_plan.shape_from_config(config, 4)
-        assert memory_plan.specdef_widths(shape, defense) == [config.hidden_size] * config.num_hidden_layers
+        assert defended_widths(shape, defense) == [config.hidden_size] * config.num_hidden_layers
 
 
 def test_plan_true_prints_the_plan_and_loads_nothing(tmp_path):
