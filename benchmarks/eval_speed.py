@@ -21,20 +21,17 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
+from experiments.common import compose_config
 from harness.batches import perplexity
 from harness.data import load_data
 from harness.evaluate import _quiet_hflm, build_evaluator
 from harness.models import load_model
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
 
 def load(overrides: list[str]):
     """The run config, data, model and tokenizer `python run.py <overrides>` would use."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)
     cache = Path(cfg.paths.cache_dir).expanduser()
     data = load_data(cfg.data, cache)
     return (cfg, data, *load_model(cfg.model, cfg.data, data, cache))

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-REPO = Path(__file__).resolve().parents[1]
+from experiments.common import compose_config
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -54,8 +53,7 @@ def run_config(args):
                  f"dist.activation_checkpointing={str(args.checkpointing).lower()}", "model.device=auto"]
     if args.specdef:
         overrides += ["defense=specdef", "defense.layers=[model.layers.*.mlp.down_proj]"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def peak_resident() -> int:

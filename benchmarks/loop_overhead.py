@@ -16,28 +16,19 @@ import copy
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from harness import synthetic, tiny
+from experiments.common import tiny_setup
 from harness.batches import batch_iterator
-from harness.data import synthetic_data
-from harness.models import from_pretrained, tiny_spec
+from harness.models import from_pretrained
 from harness.train import lm_loss, train_loop
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def load(batch_size: int, n_batches: int):
     """The cached tiny model and `n_batches` pre-encoded retain batches (tokenising stays out of the timing)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config")
-    cache = Path(cfg.paths.cache_dir).expanduser()
-    world = synthetic.WorldConfig(**cfg.data.world)
-    data = synthetic_data(world, cache, cfg.data.max_length)
-    model, tokenizer = from_pretrained(tiny.ensure_tiny(world, tiny_spec(cfg.model), data.root, cache))
+    path, data = tiny_setup()
+    model, tokenizer = from_pretrained(path)
     batches = list(itertools.islice(batch_iterator(tokenizer, data.retain, batch_size, data.max_length, 0),
                                     n_batches))
     return model, batches

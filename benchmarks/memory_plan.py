@@ -21,32 +21,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
+from experiments.common import compose_config, tiny_setup
 from runner import memory_plan
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
 # the plan=true runs the README shows: one that fits, one refused (Adam unsharded on one 80 GB GPU)
 PLAN_COMMANDS = [["scale=paper", "defense=specdef_elm", "plan=true"],
                  ["scale=paper", "defense=specdef", "attack=adam", "dist=none", "dist.device_memory_gb=80", "plan=true"]]
 TINY_SHAPES = [(64, 32), (16, 32), (64, 16)]  # (rows, tokens) of the measured batches
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-
-
 def sweep_gpus(*overrides: str, attacks: list[str] | None = None) -> list[dict]:
     """One row per (defense, attack) of experiment=table1's sweep (or only `attacks`): largest stage
     and fewest GPUs."""
-    sweep = _compose(["experiment=table1", *overrides])
+    sweep = compose_config(["experiment=table1", *overrides], return_hydra_config=True)
     params = sweep.hydra.sweeper.params
     shape, rows = None, []
     for defense in str(params.defense).split(","):
         for attack in attacks or str(params.attack).split(","):
-            cfg = _compose([*overrides, f"defense={defense}", f"attack={attack}"])
+            cfg = compose_config([*overrides, f"defense={defense}", f"attack={attack}"],
+                                 return_hydra_config=True)
             shape = shape or memory_plan.model_shape(cfg.model, cfg.data)
             ranks = int(cfg.hydra.launcher.get("tasks_per_node", 1)) * int(cfg.hydra.launcher.get("nodes", 1))
             plan = memory_plan.plan(cfg, ranks=ranks, shape=shape)
@@ -82,21 +76,14 @@ def plan_outputs() -> str:
 
 def tiny_rows() -> list[dict]:
     """Measured growth of resident memory over two Adam steps of the tiny model, beside the plan."""
-    from tests.conftest import CACHE_DIR, compose_cfg  # the cached pretrained tiny model, as the tests find it
-    from harness import synthetic, tiny
-    from harness.data import synthetic_data
-    from harness.models import tiny_spec
-    base = compose_cfg()
-    world = synthetic.WorldConfig(**base.data.world)
-    data = synthetic_data(world, CACHE_DIR, base.data.max_length)
-    path = tiny.ensure_tiny(world, tiny_spec(base.model), data.root, CACHE_DIR, progress=False)
+    path, _ = tiny_setup(progress=False)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     rows = []
     for batch, seq in TINY_SHAPES:
         out = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", str(path), str(batch), str(seq)],
                              cwd=REPO, capture_output=True, text=True, env=env, check=True)
         measured = json.loads(out.stdout.splitlines()[-1])["grown"]
-        planned = memory_plan.plan(compose_cfg(f"attack.batch_size={batch}"), seq=seq).stages[0].total
+        planned = memory_plan.plan(compose_config([f"attack.batch_size={batch}"]), seq=seq).stages[0].total
         rows.append({"batch": batch, "seq": seq, "measured_mib": measured / 2 ** 20, "planned_mib": planned / 2 ** 20})
     return rows
 

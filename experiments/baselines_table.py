@@ -20,7 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from runner.pipeline import run
-from specdef.experiment_utils import RESULTS_DIR, compose_config, write_table
+from experiments.common import RESULTS_DIR, compose_config, write_table
 
 METHODS = ("none", "rmu", "npo", "repnoise", "elm", "tar")
 

@@ -22,7 +22,7 @@ from harness.batches import encode
 from harness.models import from_pretrained
 from harness.train import lm_loss
 from specdef.core import transform
-from specdef.experiment_utils import RESULTS_DIR, script_command, tiny_setup, write_table
+from experiments.common import RESULTS_DIR, script_command, tiny_setup, write_table
 from specdef.hessian import top_eigenvalue
 
 ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)

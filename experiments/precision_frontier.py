@@ -22,7 +22,7 @@ import pandas as pd
 from harness.models import from_pretrained
 from specdef.core import match_layers, transform
 from specdef.drift import eps, function_drift
-from specdef.experiment_utils import RESULTS_DIR, script_command, tiny_setup, write_table
+from experiments.common import RESULTS_DIR, script_command, tiny_setup, write_table
 
 ALPHAS = tuple(10.0 ** e for e in range(1, 10))
 DTYPES = ("float64", "float32", "bfloat16", "float16")

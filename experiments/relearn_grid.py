@@ -21,7 +21,7 @@ import pandas as pd
 
 from experiments.baselines_table import relative
 from runner.pipeline import run
-from specdef.experiment_utils import RESULTS_DIR, compose_config, write_table
+from experiments.common import RESULTS_DIR, compose_config, write_table
 
 # Each optimizer's tiny-model grid, as documented in conf/attack/<name>.yaml.
 GRID = {

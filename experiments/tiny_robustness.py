@@ -27,7 +27,7 @@ from harness import synthetic, tiny
 from harness.evaluate import build_evaluator
 from harness.models import from_pretrained, tiny_spec
 from reporting.provenance import write_provenance
-from specdef.experiment_utils import RESULTS_DIR, compose_config
+from experiments.common import RESULTS_DIR, compose_config
 
 CAPABILITIES = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
                 "default": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}}

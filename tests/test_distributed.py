@@ -187,10 +187,11 @@ def test_plan_refuses_paper_scale_adam_on_one_gpu_and_names_the_gpus():
 def test_paper_scale_asks_slurm_for_the_gpus_its_plan_needs():
     """scale=paper's GPUs per job are the plan's figure, not a guess: the fewest 80 GB GPUs on which every
     job of experiment=table1 fits (benchmarks/memory_plan.py prints the table), one task per GPU."""
-    from benchmarks.memory_plan import _compose, sweep_gpus
-    cfg = _compose(["scale=paper"])
+    from benchmarks.memory_plan import sweep_gpus
+    from experiments.common import compose_config
+    cfg = compose_config(["scale=paper"], return_hydra_config=True)
     assert cfg.dist.name == "fsdp" and cfg.dist.activation_checkpointing
-    assert _compose(["scale=paper", "defense=specdef"]).defense.dtype == "float32"  # the plan counts it so
+    assert compose_config(["scale=paper", "defense=specdef"]).defense.dtype == "float32"  # the plan counts it so
     launcher = cfg.hydra.launcher
     rows = sweep_gpus("scale=paper", attacks=["adam"])  # Adam keeps the most state of the first-order attacks
     assert launcher.gpus_per_node == launcher.tasks_per_node == max(r["min_gpus"] for r in rows)

@@ -1,5 +1,6 @@
-"""Shared plumbing of the SpecDef experiment scripts (experiments/*.py): the cached tiny model and
-its data as the harness builds them, and writing a result table as CSV + Markdown."""
+"""What the scripts beyond one run share (experiments/*.py, benchmarks/*.py): the config `run.py`
+would run with, the cached tiny model and its data as the harness builds them, and a result table
+written as CSV + Markdown with its provenance."""
 from __future__ import annotations
 
 import sys
@@ -22,18 +23,19 @@ def script_command(module: str, argv: Sequence[str] | None) -> str:
     return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
-def compose_config(overrides: Sequence[str] = ()):
-    """The config `python run.py <overrides>` runs with."""
+def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False):
+    """The config `python run.py <overrides>` runs with (and Hydra's own, e.g. the sweep and launcher)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def tiny_setup(overrides: Sequence[str] = ()) -> tuple[Path, Data]:
+def tiny_setup(overrides: Sequence[str] = (), progress: bool = True) -> tuple[Path, Data]:
     """(folder of the pretrained tiny model, its data), training the model once if not cached."""
     cfg = compose_config(overrides)
     cache = Path(cfg.paths.cache_dir).expanduser()
     data = load_data(cfg.data, cache)
-    path = tiny.ensure_tiny(synthetic.WorldConfig(**cfg.data.world), tiny_spec(cfg.model), data.root, cache)
+    path = tiny.ensure_tiny(synthetic.WorldConfig(**cfg.data.world), tiny_spec(cfg.model), data.root, cache,
+                            progress=progress)
     return path, data
 
 
