@@ -25,7 +25,7 @@ from experiments.common import compose_config, tiny_setup
 from runner import memory_plan
 
 REPO = Path(__file__).resolve().parents[1]
-# the plan=true runs the README shows: one that fits, one refused (Adam unsharded on one 80 GB GPU)
+# the plan=true runs docs/sharded.md shows: one that fits, one refused (Adam unsharded on one 80 GB GPU)
 PLAN_COMMANDS = [["scale=paper", "defense=specdef_elm", "plan=true"],
                  ["scale=paper", "defense=specdef", "attack=adam", "dist=none", "dist.device_memory_gb=80", "plan=true"]]
 TINY_SHAPES = [(64, 32), (16, 32), (64, 16)]  # (rows, tokens) of the measured batches

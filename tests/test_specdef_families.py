@@ -44,7 +44,7 @@ FAMILIES = {
                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
                 "experts", SpecDefExperts),
 }
-# more families whose defaults the README lists
+# more families whose defaults docs/models.md lists
 MORE = {
     "mistral": ({}, "down_proj", SpecDefLinear),
     "gemma": ({"head_dim": 16}, "down_proj", SpecDefLinear),
