@@ -18,6 +18,7 @@ from harness.errors import ConfigError
 from harness.models import DTYPES
 from harness.rules import (MISSING, Rule, boolean, check_rules, get, non_negative_int, one_of, or_none, positive,
                            positive_int, unit_interval_or_none)
+from runner.objective import check_settings as check_objective
 
 
 def _device(x) -> bool:
@@ -91,6 +92,9 @@ def _check_writable(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
     check_rules(cfg, RULES)
+    objective = get(cfg, "objective")  # what a sweeper maximises (experiment=strongest_attack)
+    if objective is not MISSING and objective is not None:
+        check_objective(objective)
     _check_model_path(cfg)
     hooks.check_config(cfg, get(cfg, "attack"), "attack")
     _check_writable(cfg)
