@@ -124,7 +124,7 @@ class Relearn:
         self.divergence_factor = divergence_factor
         self.seed = seed
         self.second_order = second_order  # forces create_graph; second-order optimizers get it anyway
-        self.recover_threshold = recover_threshold  # None: the undefended model's hazard accuracy
+        self.recover_threshold = recover_threshold  # None: the undefended model's recover_metric (default_threshold)
         self.recover_metric = _check_choice("recover_metric", recover_metric, RECOVER_METRICS)
         self.stop_when_recovered = stop_when_recovered
         self.rule = RecoveryRule(_check_choice("recovery_rule", recovery_rule, RECOVERY_RULES), self.recover_metric,
@@ -211,7 +211,7 @@ class Relearn:
                   on_eval: Callable[[dict], None] | None, checkpoint_dir) -> AttackResult:
         source, splits = self.data["source"], list(self.data.get("splits") or [])
         texts = relearn_texts(data, source, splits, self.data.get("n_samples"), self.seed)
-        tasks = split_tasks(data.hazard_tasks, set(splits) if source in SPLIT_SOURCES else set())
+        tasks = self.split_tasks(data)
         batches = batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed)
         optimizers = self.build_optimizers(model)
         self.check_forward_only(optimizers)
@@ -283,6 +283,16 @@ class Relearn:
         result = self.result(trajectory, start, threshold, state, loop, create_graph)
         result.extra["resumed_from_step"] = start_step if resumed else None
         return result
+
+    def split_tasks(self, data) -> tuple[list[str], list[str]]:
+        """(tasks of the relearned splits, tasks of the held-out ones): none relearned for retain or unrelated text."""
+        relearned = set(self.data.get("splits") or []) if self.data["source"] in SPLIT_SOURCES else set()
+        return split_tasks(data.hazard_tasks, relearned)
+
+    def default_threshold(self, base: dict, data) -> float | None:
+        """The threshold when `recover_threshold` is null: the undefended model's own `recover_metric`
+        ("fully recovered"), so heldout_acc is compared with the undefended held-out accuracy."""
+        return {**base, **split_accuracies(base, *self.split_tasks(data))}.get(self.recover_metric)
 
     def check_start(self, start: dict) -> None:
         """The intact rule compares utility with the start's: an evaluation without it cannot apply it."""

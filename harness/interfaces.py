@@ -38,7 +38,7 @@ class Defense(Protocol):
 
 class Attack(Protocol):
     name: str
-    recover_threshold: float | None  # None: the undefended model's hazard accuracy
+    recover_threshold: float | None  # None: the undefended model's hazard accuracy, or `default_threshold(base, data)`
 
     def __call__(self, model, tokenizer, data: Data, evaluator: Evaluator, *, start: dict,
                  threshold: float | None, on_eval: Callable[[dict], None] | None = None,

@@ -88,6 +88,14 @@ def _source_digest(paths) -> str:
     return digest.hexdigest()[:12]
 
 
+def default_threshold(attack, base: dict, data: Data) -> float | None:
+    """The undefended model's own value of what the attack's rule checks ("fully recovered"): its
+    hazard accuracy, or the attack's `default_threshold` (Relearn: its recover_metric, e.g. the
+    held-out splits' accuracy under experiment=rtt)."""
+    own = getattr(attack, "default_threshold", None)
+    return base["hazard_acc"] if own is None else own(base, data)
+
+
 def print_summary(record: dict) -> None:
     rows = [("undefended", record["metrics"]["base"]), ("defended (pre-attack)", record["metrics"]["pre_attack"]),
             ("post-attack", record["metrics"]["post_attack"])]
@@ -153,9 +161,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             pre = base if defense.name == "none" else evaluator(model)
         logger.log({f"pre_attack/{k}": v for k, v in pre.items()}, step=0)
         attack = instantiate(cfg.attack)
-        # default threshold: the undefended model's own hazard accuracy ("fully recovered")
         threshold = attack.recover_threshold
-        threshold = base["hazard_acc"] if threshold is None else threshold
+        threshold = default_threshold(attack, base, data) if threshold is None else threshold
         with timed(timings, "attack"):
             result = attack(model, tokenizer, data, evaluator, start=pre, threshold=threshold,
                             on_eval=lambda point: logger.log(point, step=point["step"]),

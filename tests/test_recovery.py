@@ -130,3 +130,27 @@ def test_seeds_of_different_kinds_each_keep_their_kind():
     row = cells([record("recovered", 20, 0.95, seed=0), record("recovered", 40, 0.93, seed=1),
                  record("diverged", 10, 0.2, seed=2)])
     assert row["lr=1e-3"] == "✓30.0 ± 14.1 / 0.940 ± 0.014 (2/3) · †10 / 0.200 (1/3)"
+
+
+class FoldsEvaluator:
+    """Every model scores split 0's questions at 0.9 and split 1's at 0.6 (hazard accuracy: their mean)."""
+    versions: dict = {}
+
+    def __call__(self, model) -> dict:
+        return {"hazard_acc": 0.75, "acc/synthetic_hazard_split0": 0.9, "acc/synthetic_hazard_split1": 0.6,
+                "utility_acc": 0.95, "retain_ppl": 3.0}
+
+
+def test_the_heldout_threshold_is_the_undefended_models_heldout_accuracy(tiny_path, tmp_path, monkeypatch):
+    """experiment=rtt's metric (heldout_acc, split 1 held out) is compared with the undefended model's
+    held-out accuracy (0.6), not with its hazard accuracy over every split (0.75)."""
+    from runner import pipeline
+    monkeypatch.setenv("SPECDEF_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setattr(pipeline, "build_evaluator", lambda *args: FoldsEvaluator())
+    overrides = ("attack.steps=0", "attack.data.splits=[0]", "eval.hazard_tasks=null", "resume=false")
+    heldout = pipeline.run(compose_cfg("attack.recover_metric=heldout_acc", *overrides), tmp_path / "heldout")
+    assert heldout["attack"]["threshold"] == 0.6
+    assert heldout["attack"]["outcome"]["kind"] == "recovered"  # the start holds the undefended held-out accuracy
+    relearned = pipeline.run(compose_cfg("attack.recover_metric=relearned_acc", *overrides), tmp_path / "relearned")
+    assert relearned["attack"]["threshold"] == 0.9
+    assert pipeline.run(compose_cfg(*overrides), tmp_path / "hazard")["attack"]["threshold"] == 0.75
