@@ -20,6 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from experiments.baselines_table import relative
+from harness.outcome import recovered_step
 from runner.pipeline import run
 from experiments.common import RESULTS_DIR, compose_config, write_table
 
@@ -45,7 +46,7 @@ def measure(optimizers: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFram
             a = record["attack"]
             start_ppl = a["trajectory"][0]["retain_ppl"]
             rows.append({"optimizer": name, "lr": lr, "start acc": a["trajectory"][0]["relearned_acc"],
-                         "steps to 0.8": a["steps_to_recover"], "final acc": a["final"]["relearned_acc"],
+                         "steps to 0.8": recovered_step(a["outcome"]), "final acc": a["final"]["relearned_acc"],
                          "max retain ppl / start": max(p["retain_ppl"] for p in a["trajectory"]) / start_ppl,
                          "diverged": "†" if a["diverged"] else ""})
     return pd.DataFrame(rows)

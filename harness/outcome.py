@@ -20,7 +20,7 @@ RECOVERY_RULES = ("intact", "legacy")
 @dataclasses.dataclass
 class AttackResult:
     trajectory: list[dict]               # one entry per evaluated step; step 0 is the starting model
-    steps_to_recover: int | None         # first evaluated step counted as recovered (attack.recovery_rule)
+    steps_to_recover: int | None         # the rule's first recovery, even after a †: read `outcome` (recovered_step)
     threshold: float | None
     diverged: bool                       # the paper's dagger: retain perplexity up > factor x, or non-finite loss
     divergence_step: int | None
@@ -116,6 +116,11 @@ def first_event(trajectory: list[dict], recovery_step: int | None, divergence_st
     hazard = at[-1].get("hazard_acc") if at else None
     return {"kind": kind, "step": step, "hazard_acc": float("nan") if hazard is None else hazard}
 
+
+def recovered_step(outcome: dict) -> int | None:
+    """The step a run counts as recovered at, as a summary reports it: None unless recovery came first
+    (`steps_to_recover` keeps the rule's first recovery even on or after the step of a †)."""
+    return outcome.get("step") if outcome.get("kind") == "recovered" else None
 
 
 def best(trajectory: list[dict], key: str) -> float:

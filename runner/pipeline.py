@@ -23,6 +23,7 @@ from harness.evaluate import build_evaluator, model_fingerprint, preflight
 from harness.loggers import NullLogger
 from harness.manifest import verify_manifest
 from harness.models import load_model
+from harness.outcome import recovered_step
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
 from runner import memory_plan
 from runner.objective import constrained_objective
@@ -106,7 +107,7 @@ def print_summary(record: dict) -> None:
         lines.append(f"{name:{width}}  " + "  ".join(f"{m.get(k, float('nan')):>12.4f}" for k in keys))
     a = record["attack"]
     lines.append(f"attack={a['name']} lr={record['config']['lr']:g}: steps={a['steps']} "
-                 f"steps_to_recover={a['steps_to_recover']} diverged={a['diverged']}")
+                 f"steps_to_recover={recovered_step(a['outcome'])} diverged={a['diverged']}")
     print("\n".join(lines), flush=True)
 
 
@@ -178,7 +179,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         }
         record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
         logger.summary({"post_attack/hazard_acc": result.final.get("hazard_acc"),
-                        "steps_to_recover": result.steps_to_recover, "diverged": result.diverged})
+                        "steps_to_recover": recovered_step(result.outcome), "outcome": result.outcome["kind"],
+                        "diverged": result.diverged})
         if distributed.is_main():
             write_json_atomic(record_path, record)
             write_json_atomic(stored, record)

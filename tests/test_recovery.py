@@ -154,3 +154,54 @@ def test_the_heldout_threshold_is_the_undefended_models_heldout_accuracy(tiny_pa
     relearned = pipeline.run(compose_cfg("attack.recover_metric=relearned_acc", *overrides), tmp_path / "relearned")
     assert relearned["attack"]["threshold"] == 0.9
     assert pipeline.run(compose_cfg(*overrides), tmp_path / "hazard")["attack"]["threshold"] == 0.75
+
+
+class BrokenAtTheEnd:
+    """The undefended model as START; every model the attack evaluates answers the hazard questions
+    (0.95) with retain perplexity beyond twice the start's: recovered by the legacy rule and † on one step."""
+    versions: dict = {}
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model) -> dict:
+        self.calls += 1
+        return dict(START) if self.calls == 1 else {"hazard_acc": 0.95, "utility_acc": 0.95, "retain_ppl": 7.0}
+
+
+class SummaryLogger:
+    """logger._target_: keeps what the pipeline hands the logger's summary."""
+    summaries: list[dict] = []
+    enabled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def start(self, config, run_dir): ...
+    def log(self, metrics, step=None): ...
+
+    def summary(self, metrics):
+        SummaryLogger.summaries.append(dict(metrics))
+
+
+def test_a_step_both_dagger_and_recovered_is_reported_as_dagger_everywhere(tiny_path, tmp_path, monkeypatch, capsys):
+    """recovery_rule=legacy counts step 2 as recovered while it is also a †: the record's outcome says
+    diverged, and so do the printed summary, the logger's summary and the relearning grid."""
+    from experiments import relearn_grid
+    from runner import pipeline
+    monkeypatch.setenv("SPECDEF_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setattr(pipeline, "build_evaluator", lambda *args: BrokenAtTheEnd())
+    cfg = compose_cfg("attack.recovery_rule=legacy", "attack.steps=2", "attack.eval_every=2", "resume=false",
+                      f"attack.recover_threshold={THRESHOLD}", "logger._target_=tests.test_recovery.SummaryLogger")
+    record = pipeline.run(cfg, tmp_path / "run")
+    attack = record["attack"]
+    assert attack["steps_to_recover"] == 2 and attack["divergence_step"] == 2  # the rule's own verdict, kept
+    assert attack["outcome"]["kind"] == "diverged"
+    assert "steps_to_recover=None diverged=True" in capsys.readouterr().out
+    assert SummaryLogger.summaries[-1]["steps_to_recover"] is None
+    assert SummaryLogger.summaries[-1]["outcome"] == "diverged"
+    monkeypatch.setattr(relearn_grid, "run", lambda cfg, run_dir: record)
+    assert relearn_grid.measure(["sgd"])["steps to 0.8"].isna().all()
