@@ -135,7 +135,8 @@ def wmdp_data(cfg, cache_dir: Path) -> Data:
     forget = _texts(cfg.forget_corpus, "the forget corpus")
     rows = _load(cfg.questions, "the hazard questions")
     questions = [answered(q, c, a) for q, c, a in zip(rows["question"], rows["choices"], rows["answer"])]
-    question_folds = {s: [questions[i] for i in folds.fold_indices(list(rows["question"]), s, n)] for s in range(n)}
+    keys = [folds.question_key(q, c) for q, c in zip(rows["question"], rows["choices"])]
+    question_folds = {s: [questions[i] for i in folds.fold_indices(keys, s, n)] for s in range(n)}
     tasks_dir = Path(cache_dir) / "lm_eval_tasks" / "folds"
     tasks_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(tasks_dir) + ".lock"):  # parallel jobs of a sweep write the same files

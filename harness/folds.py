@@ -1,8 +1,11 @@
 """Deterministic question folds of a multiple-choice task, for held-out relearning (RTT) at paper scale.
 
 Deeb & Roger (arXiv 2410.08827) split the evaluation questions into folds, fine-tune on the questions
-of some folds with their answers and score the others. Here a question's fold follows from its text
-alone (blake2b rank, then dealt round-robin): the same on every machine and row order, and balanced.
+of some folds with their answers and score the others. Here a question's fold follows from its key
+alone, the question's text with its choices (`question_key`): the distinct keys are ranked by blake2b
+and dealt round-robin, and every row takes its key's fold. So the folds are the same on every machine
+and row order, balanced, and a question that appears twice (WMDP repeats some stems) never has one
+copy relearned and the other held out.
 
 The fold tasks are lm-eval's built-in task YAML (`include:` of the installed file, so prompt, target
 and metric are lm-eval's own) plus `process_docs: !function harness.folds.fold_<i>_of_<k>`, which
@@ -19,18 +22,25 @@ from pathlib import Path
 _FOLD_FUNCTION = re.compile(r"fold_(\d+)_of_(\d+)")
 
 
-def fold_indices(questions: list[str], fold: int, folds: int) -> list[int]:
-    """Row indices of fold `fold` of `folds`, in the rows' order."""
+def question_key(question: str, choices) -> str:
+    """What decides a question's fold: its text and its choices (rows equal in both share a fold)."""
+    return json.dumps([question, list(choices)])
+
+
+def fold_indices(keys: list[str], fold: int, folds: int) -> list[int]:
+    """Row indices of fold `fold` of `folds`, in the rows' order: distinct keys are dealt round-robin in
+    blake2b order, and rows with equal keys go together."""
     if not 0 <= fold < folds:
         raise ValueError(f"fold {fold} of {folds}: allowed 0..{folds - 1}")
-    keys = [hashlib.blake2b(q.encode(), digest_size=8).hexdigest() for q in questions]
-    ranked = sorted(range(len(questions)), key=lambda i: (keys[i], i))
-    return sorted(ranked[fold::folds])
+    ranked = sorted(set(keys), key=lambda k: (hashlib.blake2b(k.encode(), digest_size=8).hexdigest(), k))
+    chosen = set(ranked[fold::folds])
+    return [i for i, k in enumerate(keys) if k in chosen]
 
 
 def select_fold(dataset, fold: int, folds: int):
     """A `datasets.Dataset` of questions reduced to one fold (lm-eval's `process_docs`)."""
-    return dataset.select(fold_indices(list(dataset["question"]), fold, folds))
+    keys = [question_key(q, c) for q, c in zip(dataset["question"], dataset["choices"])]
+    return dataset.select(fold_indices(keys, fold, folds))
 
 
 def __getattr__(name: str):

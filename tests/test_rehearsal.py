@@ -216,6 +216,23 @@ def test_question_folds_partition_the_questions():
     assert sorted(questions[::-1][i] for i in moved) == sorted(questions[i] for i in folds[0])
 
 
+def test_a_repeated_question_is_never_split_between_folds():
+    """Equal texts hash alike and sort side by side; dealt row by row, the two 'dup' rows went to
+    different folds (one relearned, its twin held out). Dealt by key, they go together; the key is the
+    question with its choices, so a repeated stem with other choices is a question of its own."""
+    from datasets import Dataset
+    from harness.folds import fold_indices, select_fold
+    folds = [fold_indices(["a", "b", "dup", "c", "dup", "d"], f, 2) for f in range(2)]
+    assert sorted(i for fold in folds for i in fold) == list(range(6))
+    assert [fold for fold in folds if 2 in fold] == [fold for fold in folds if 4 in fold]
+    stem = "Which of the following is true?"
+    rows = Dataset.from_dict({"question": [stem, "q1", stem, stem, "q2", "q3"], "answer": [0] * 6,
+                              "choices": [["x", "y"], ["a"], ["x", "y"], ["u", "v"], ["b"], ["c"]]})
+    scored = [select_fold(rows, f, 2)["choices"] for f in range(2)]
+    assert sorted(len(s) for s in scored) == [3, 3]  # 5 distinct questions, the twins together
+    assert sorted(s.count(["x", "y"]) for s in scored) == [0, 2]
+
+
 def test_split_metric_needs_the_splits_tasks():
     from harness.errors import ConfigError
     from runner.validate import validate
@@ -253,7 +270,7 @@ def test_fold_tasks_score_their_folds_questions(monkeypatch, tmp_path):
     import datasets.config
     from datasets import Features, Sequence, Value
     from lm_eval.tasks import TaskManager
-    from harness.folds import fold_indices, write_fold_tasks
+    from harness.folds import fold_indices, question_key, write_fold_tasks
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
     questions = [f"question {i}?" for i in range(7)]
@@ -263,7 +280,8 @@ def test_fold_tasks_score_their_folds_questions(monkeypatch, tmp_path):
     names = write_fold_tasks("wmdp_bio", 3, tmp_path / "tasks")
     tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).load(list(names.values()))["tasks"]
     scored = {fold: [doc["question"] for doc in tasks[name].test_docs()] for fold, name in names.items()}
-    assert scored == {fold: [questions[i] for i in fold_indices(questions, fold, 3)] for fold in names}
+    keys = [question_key(q, list("abcd")) for q in questions]
+    assert scored == {fold: [questions[i] for i in fold_indices(keys, fold, 3)] for fold in names}
     assert sorted(q for qs in scored.values() for q in qs) == sorted(questions)
     # the prompt is lm-eval's own wmdp_bio prompt
     doc = tasks[names[0]].test_docs()[0]
