@@ -261,3 +261,57 @@ def test_readme_blocks_are_filled_from_the_generated_files(tmp_path):
     assert readme.pages(tmp_path) == [tmp_path / "README.md", tmp_path / "results" / "README.md", tmp_path / "docs" / "a.md"]
     assert readme.render(page, tmp_path) == ("x\n<!-- BEGIN results/t.md -->\n#### Title\n\n| a |\n<!-- END results/t.md -->\n"
                                              "<!-- BEGIN results/run.txt -->\n```text\nhazard 0.99\n```\n<!-- END results/run.txt -->\n")
+
+
+def _sweep_end(tmp_path, monkeypatch, *overrides: str) -> Path:
+    """experiment=table1's sweep-end callback, as `python run.py -m experiment=table1 <overrides>` ends,
+    over one complete record; the working folder is tmp_path (the preset's out is results/table1_tiny)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from tests.conftest import CONF_DIR
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "result.json").write_text(json.dumps(make_record("npo", "sophia", 1e-2, final=0.3)))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=table1", *overrides, f"hydra.sweep.dir={sweep}",
+                                           "+hydra.callbacks.report.plots=false"], return_hydra_config=True)
+    instantiate(cfg.hydra.callbacks.report).on_multirun_end(cfg)
+    return sweep
+
+
+def test_a_sweep_of_part_of_a_preset_leaves_its_published_tables_alone(tmp_path, monkeypatch, caplog):
+    """`python run.py -m experiment=table1 defense=npo attack=sophia` checks a cell: its one-row report
+    goes into the sweep folder, results/ is untouched, and one line says how to publish it."""
+    caplog.set_level("INFO", logger="reporting.callbacks")
+    sweep = _sweep_end(tmp_path, monkeypatch, "defense=npo", "attack=sophia")
+    assert not (tmp_path / "results").exists()
+    assert (sweep / "report" / "summary.md").is_file() and (sweep / "report" / "PROVENANCE.md").is_file()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "reporting.callbacks"]
+    assert "defense=npo attack=sophia" in line and "\n" not in line
+    assert line.endswith(f"to publish it: python -m reporting.report {sweep} --out results/table1_tiny")
+
+
+def test_a_sweep_of_the_whole_preset_publishes_into_results(tmp_path, monkeypatch):
+    _sweep_end(tmp_path, monkeypatch)
+    assert (tmp_path / "results" / "table1_tiny" / "summary.md").is_file()
+    assert not (tmp_path / "sweep" / "report").exists()
+
+
+@pytest.mark.parametrize("lines, changed", [
+    (["defense=npo", "attack=sophia"], ["defense=npo", "attack=sophia"]),
+    (["table1.lr_rank=range(0,4)", "scale=tiny", "resume=false", "paths.output_root=/tmp/x"], []),
+    (["defense=none,tar,repnoise,rmu,elm,npo,specdef_elm,specdef"], []),  # more than the preset covers it
+    (["table1.lr_rank=0,1"], ["table1.lr_rank=0,1"]),
+    (["attack.steps=10"], ["attack.steps=10"]),  # every cell, computed otherwise
+])
+def test_what_makes_a_sweep_other_than_its_preset(lines, changed):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+    from reporting.callbacks import departures
+    from tests.conftest import CONF_DIR
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=table1"], return_hydra_config=True)
+    with open_dict(cfg):  # compose refuses sweeps: the task overrides as a multirun records them
+        cfg.hydra.overrides.task = ["experiment=table1", *lines]
+    assert departures(cfg) == changed
