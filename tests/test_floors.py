@@ -2,7 +2,8 @@
 
 - ground, `harness/`: models, data, the training loop, evaluation, records; imports nothing above it;
 - methods, `specdef/`, `baselines/`, `attacks/`: each over the ground, never over the top;
-- top, `runner/`, `reporting/`, `experiments/`, `benchmarks/`, `run.py`: may use every floor.
+- top, `runner/`, `reporting/`, `experiments/`, `benchmarks/`, `run.py` and `hydra_plugins/` (where Hydra
+  looks for the project's sweeper): may use every floor.
 
 The imports are read from each module's syntax tree, those inside functions (lazy imports) included,
 and no module may reach itself again through its imports (an import circle).
@@ -18,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = {"harness": 1, "specdef": 2, "baselines": 2, "attacks": 2,
-          "runner": 3, "reporting": 3, "experiments": 3, "benchmarks": 3, "run": 3}
+          "runner": 3, "reporting": 3, "experiments": 3, "benchmarks": 3, "run": 3, "hydra_plugins": 3}
 
 
 def project_modules(root: Path = REPO) -> dict[str, Path]:
@@ -121,7 +122,8 @@ def test_the_check_sees_upward_imports_and_circles_lazy_ones_included(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["reporting.report", "reporting.tables", "reporting.plots",
-                                    "reporting.adaptive", "reporting.readme", "reporting.callbacks"])
+                                    "reporting.adaptive", "reporting.readme", "reporting.callbacks",
+                                    "reporting.lr_window"])
 def test_reporting_loads_no_torch(module):
     """Tables are built from records: reading them needs neither torch nor a model."""
     out = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],

@@ -1,0 +1,1 @@
+"""experiment=lr_window's Hydra sweeper, registered where Hydra looks for plugins (see lr_window_sweeper.py)."""
