@@ -32,7 +32,7 @@ class ReportOnSweepEnd(Callback):
         from reporting import report
         sweep_dir = Path(config.hydra.sweep.dir)
         out = Path(self.out) if self.out else sweep_dir / "report"
-        changed = [] if out == sweep_dir / "report" or _out_chosen(config) else departures(config)
+        changed = [] if out == sweep_dir / "report" or out_chosen(config) else departures(config)
         published, out = out, (sweep_dir / "report" if changed else out)
         args = [str(sweep_dir), "--out", str(out)] + ([] if self.plots else ["--no-plots"])
         if report.main(args) != 0:
@@ -51,12 +51,14 @@ class ReportOnSweepEnd(Callback):
             log.info("report of the sweep written to %s", out)
 
 
-def departures(config: DictConfig) -> list[str]:
+def departures(config: DictConfig, axes: dict[str, str] | None = None) -> list[str]:
     """The command-line overrides by which this sweep is not its preset's whole grid: one that narrows a
-    swept axis (`hydra.sweeper.params`), or sets anything else but the NEUTRAL keys. Empty: the whole preset."""
+    swept axis (`axes`, {key: comma list}; default `hydra.sweeper.params`), or sets anything else but the
+    NEUTRAL keys. Empty: the whole preset."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     parser = OverridesParser.create()
-    grid = dict(_values(parser, f"{key}={value}") for key, value in config.hydra.sweeper.params.items())
+    axes = config.hydra.sweeper.params if axes is None else axes
+    grid = dict(_values(parser, f"{key}={value}") for key, value in axes.items())
     changed = []
     for line in config.hydra.overrides.task:
         key, values = _values(parser, line)
@@ -78,7 +80,7 @@ def _values(parser, line: str) -> tuple[str, set | None]:
         return override.key_or_group, None
 
 
-def _out_chosen(config: DictConfig) -> bool:
+def out_chosen(config: DictConfig) -> bool:
     """Whether the command line named the report's folder (then it is where the user wants it)."""
     return any(line.split("=", 1)[0].lstrip("+~") == "hydra.callbacks.report.out"
                for line in config.hydra.overrides.hydra)
