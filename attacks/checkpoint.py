@@ -7,7 +7,11 @@ any moment leaves either the old checkpoint or the new one, never a mixture.
 
 Under dist=fsdp the weights and optimizer states are sharded: every rank writes its shards through
 `torch.distributed.checkpoint` (folder `sharded/`, loadable by any number of ranks), rank 0 writes the
-rest and renames the folder once every rank's shards are on disk. A run resumes only from a
+rest and renames the folder once every rank's shards are on disk. An optimizer that keeps no
+per-parameter state (SGLD, MeZO: their step counter lives in the param group) is saved whole by rank
+0 instead: torch's `get_state_dict` / `set_state_dict` "initialise" an optimizer with an empty state
+by stepping it at lr 0, which MeZO refuses and which moves SGLD's noise on by a step at every save
+and load. A run resumes only from a
 checkpoint written the same way (sharded or not); DCP reads its own metadata with pickle, so resume
 only from checkpoint folders your own runs wrote.
 """
@@ -48,14 +52,16 @@ class AttackCheckpoint:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         distributed.barrier()
+        whole = _saved_whole(optimizers)
         if distributed.active():
-            dcp.save(_sharded_state(model, optimizers), checkpoint_id=tmp / SHARDED)  # returns once all ranks wrote
+            sharded = [o for i, o in enumerate(optimizers) if i not in whole]
+            dcp.save(_sharded_state(model, sharded), checkpoint_id=tmp / SHARDED)  # returns once all ranks wrote
         else:
             save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
         if distributed.is_main():
-            optimizer_states = [] if distributed.active() else [o.state_dict() for o in optimizers]
-            torch.save({"optimizers": optimizer_states, "schedulers": [s.state_dict() for s in schedulers],
-                        "rng": torch.get_rng_state()}, tmp / "state.pt")
+            torch.save({"optimizers": [optimizers[i].state_dict() for i in whole], "whole": whole,
+                        "schedulers": [s.state_dict() for s in schedulers], "rng": torch.get_rng_state()},
+                       tmp / "state.pt")
             write_json_atomic(tmp / "meta.json", {"step": step, "sharded": distributed.active(), **meta})
             old = self.folder.with_name(f"{self.folder.name}.old{pid}")
             if self.folder.exists():
@@ -74,14 +80,17 @@ class AttackCheckpoint:
                         "over", self.folder, *(("fsdp", "none") if meta.get("sharded") else ("none", "fsdp")))
             return None
         state = torch.load(self.folder / "state.pt", weights_only=True)
+        # checkpoints written before "whole": every optimizer whole in one process, every one sharded under fsdp
+        whole = state.get("whole", [] if distributed.active() else list(range(len(optimizers))))
         if distributed.active():
-            sharded = _sharded_state(model, optimizers)
+            rest = [o for i, o in enumerate(optimizers) if i not in whole]
+            sharded = _sharded_state(model, rest)
             dcp.load(sharded, checkpoint_id=self.folder / SHARDED)
-            set_state_dict(model, optimizers, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
+            set_state_dict(model, rest, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
         else:
             load_model(model, str(self.folder / "model.safetensors"))
-            for opt, saved in zip(optimizers, state["optimizers"], strict=True):
-                opt.load_state_dict(saved)
+        for i, saved in zip(whole, state["optimizers"], strict=True):
+            optimizers[i].load_state_dict(saved)
         for sched, saved in zip(schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
@@ -91,6 +100,12 @@ class AttackCheckpoint:
     def clear(self) -> None:
         if self.folder is not None and distributed.is_main():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _saved_whole(optimizers) -> list[int]:
+    """Which optimizers rank 0 saves whole: in one process all; sharded, those without per-parameter
+    state (nothing in them is sharded, and torch's sharded state dict would step them to initialise them)."""
+    return [i for i, o in enumerate(optimizers) if not distributed.active() or not o.state]
 
 
 def _sharded_state(model, optimizers) -> dict:

@@ -4,7 +4,8 @@
 `torchrun --nproc-per-node=2 -m tests.dist_worker OUT dist=fsdp` (one launch for every check: starting
 the ranks costs more than the checks). Scenarios:
 - the pretrained tiny model with SpecDef in every block: evaluated, fine-tuned with Adam (sharded also
-  with activation checkpointing), with LoRA, Muon, SGLD and MeZO, unlearned with NPO (a reference model);
+  with activation checkpointing), with LoRA, Muon, SGLD and MeZO (sharded also killed and resumed from a
+  checkpoint), unlearned with NPO (a reference model);
 - the other training-based defenses (RMU, RepNoise, ELM, TAR) on the plain tiny model, as the pipeline
   runs them before SpecDef;
 - tiny random GPT-2 and Mixtral models with SpecDef's default layers (a Conv1D; an MoE experts module
@@ -44,6 +45,8 @@ DEFENSES = {
             "defense.inner_subsample=1", "defense.warmup_steps=1", "defense.batch_size=8",
             "defense.adversary_batch_size=8"],
 }
+# SGLD and MeZO checkpointed (their step counters live in the param groups), and killed in between
+CHECKPOINTED = ["attack.eval_every=1", "attack.checkpoint_every=1"]
 # the whole pipeline, sharded: 12 attack steps, evaluated and checkpointed (sharded) every 4
 RUN = ["dist=fsdp", "attack.steps=12", "attack.eval_every=4", "attack.checkpoint_every=4", "eval.limit=20"]
 # tiny random models of the families whose SpecDef layers are not nn.Linear
@@ -67,6 +70,24 @@ class WeightsAtTheEnd:
         return {"hazard_acc": 0.0, "utility_acc": 0.0, "retain_ppl": 1.0}
 
 
+class Killed(Exception):
+    """What a SIGKILL leaves of an attack: whatever its last checkpoint holds."""
+
+
+class KilledAt(WeightsAtTheEnd):
+    """Kills the attack at its `at`-th evaluation, before the checkpoint of that step."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def __call__(self, model) -> dict:
+        self.calls += 1
+        if self.calls == self.at:
+            raise Killed
+        return super().__call__(model)
+
+
 def whole_weights(model, trained_only: bool = False) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
@@ -80,12 +101,25 @@ def defended_tiny(tiny_path, specdef: bool = True):
     return (apply_specdef(model, **SPECDEF) if specdef else model), tokenizer
 
 
-def attack(cfg, tiny_path, data) -> tuple[list[float], dict]:
+def attack(cfg, tiny_path, data, evaluator=None, checkpoint_dir=None) -> tuple[list[float], dict]:
     model, tokenizer = defended_tiny(tiny_path)
-    weights = WeightsAtTheEnd()
+    weights = evaluator or WeightsAtTheEnd()
     start = {"hazard_acc": 0.0, "utility_acc": 0.0, "retain_ppl": 1.0}
-    result = instantiate(cfg.attack)(model, tokenizer, data, weights, start=start, threshold=None)
+    result = instantiate(cfg.attack)(model, tokenizer, data, weights, start=start, threshold=None,
+                                     checkpoint_dir=checkpoint_dir)
     return result.losses, weights.weights
+
+
+def killed_and_resumed(cfg, tiny_path, data, folder: Path) -> tuple[list[float], dict]:
+    """The attack killed at its second evaluation (step 2; the last checkpoint is step 1's), then run
+    again on a fresh model, from that checkpoint."""
+    try:
+        attack(cfg, tiny_path, data, KilledAt(2), folder)
+        raise AssertionError("the attack was not killed")
+    except Killed:
+        pass
+    assert json.loads((folder / "meta.json").read_text())["step"] == 1
+    return attack(cfg, tiny_path, data, checkpoint_dir=folder)
 
 
 def defend(cfg, tiny_path, data) -> tuple[list[float], dict]:
@@ -159,9 +193,19 @@ def scenarios(out: Path, *overrides: str) -> dict:
         distributed.setup(compose_cfg(*ATTACK, *overrides, "dist.activation_checkpointing=true"))
         keep("adam_checkpointed", *attack(attacks["adam"], tiny_path, data))
         distributed.setup(base)
+        sharded_only(out, keep, tiny_path, data, *overrides)
+        distributed.setup(base)
     if distributed.is_main():
         (out / "results.json").write_text(json.dumps(results))
     return results
+
+
+def sharded_only(out: Path, keep, tiny_path, data, *overrides: str) -> None:
+    """SGLD and MeZO killed and resumed from a sharded checkpoint: each is compared with its plain
+    scenario, sharded and in one process."""
+    for name in ("sgld", "mezo"):
+        cfg = compose_cfg(*ATTACK, *CHECKPOINTED, f"attack={name}", *overrides)
+        keep(f"{name}_resumed", *killed_and_resumed(cfg, tiny_path, data, out / f"checkpoint_{name}"))
 
 
 def uninterrupted_run(out: Path) -> None:

@@ -76,6 +76,27 @@ def test_two_ranks_train_like_one_process(launch, name, one_process):
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
 
 
+def _like_plain_run(launch, name: str, plain: str) -> None:
+    """Scenario `name` (sharded) gives the losses and weights of the plain sharded scenario `plain` bit
+    for bit, and those of the one-process run within 1e-5."""
+    two, sharded, one = launch["two"][name], launch["two"][plain], launch["one"][plain]
+    assert len(two) == len(one) == 3
+    assert two == sharded and _relative(two, one) < 1e-5
+    w_one, w_sharded = _weights(launch, plain)
+    w = load_file(launch["sharded"] / f"{name}.safetensors")
+    assert w.keys() == w_sharded.keys() and all(torch.equal(w[k], w_sharded[k]) for k in w)
+    assert max(float((w[k] - w_one[k]).abs().max()) for k in w) < 1e-5
+
+
+@pytest.mark.parametrize("name, plain", [("sgld_resumed", "sgld"), ("mezo_resumed", "mezo")])
+def test_sgld_and_mezo_killed_and_resumed_from_a_sharded_checkpoint_train_like_one_process(launch, name, plain):
+    """SGLD and MeZO keep their step counter in the param group, so torch's sharded state dict would
+    'initialise' them by stepping them at lr 0 (MeZO raised at the first save; SGLD's noise moved on a
+    step at every save and load). Checkpointed every step, killed at step 2 and resumed from step 1's
+    sharded checkpoint, each trains like its uninterrupted run."""
+    _like_plain_run(launch, name, plain)
+
+
 def test_muon_trains_sharded_like_one_process(launch, tiny_path):
     """Muon (scale=paper's third attack) on sharded matrices: torch's Muon orthogonalises each update in
     bfloat16, so rounding differences of the gradient become bfloat16 rounding of the update; the
