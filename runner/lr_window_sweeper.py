@@ -120,8 +120,9 @@ class LrWindowSweeper(Sweeper):
         searches = [WindowSearch(self.ladder(cell)) for cell in cells]
         first_jobs = [self.job(fixed, cell, s.ladder.high) for cell, s in zip(cells, searches)]
         self.validate_batch_is_legal(first_jobs)  # one job per cell: later jobs differ in lr only
-        if self.config.get("plan"):  # plan=true: each cell's memory plan; nothing runs, no record
-            return [self.launch(first_jobs)]
+        if self.config.get("plan"):
+            self.show_plans(first_jobs, cells)
+            return []
         probes = self.sharpness_cells(cells)
         returns, runs = self.search_rounds(fixed, cells, searches, probes)
         wall = time.perf_counter() - t0
@@ -151,6 +152,27 @@ class LrWindowSweeper(Sweeper):
                 runs["seconds"] += _seconds(record)
             probe_jobs = []
         return returns, runs
+
+    def show_plans(self, jobs: list[list[str]], cells: list[dict[str, str]]) -> None:
+        """plan=true: each cell's memory plan, printed here and launched nowhere (at scale=paper each would
+        be a SLURM job); cells with the same plan share one print. α does not change it, the optimizer
+        and undo do."""
+        from hydra.core.hydra_config import HydraConfig
+        from harness.errors import ConfigError
+        from runner import memory_plan  # lazy: torch, only for plans
+        from runner.validate import validate
+        plans: dict[str, list[str]] = {}
+        for job, cell in zip(jobs, cells):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
+            HydraConfig.instance().set_config(cfg)  # the ranks the launcher asks for, as the job would see them
+            try:
+                validate(cfg)
+                text = memory_plan.plan(cfg).report()
+            except ConfigError as e:
+                text = f"error: {e}"
+            plans.setdefault(text, []).append(" ".join(_overrides(cell)))
+        for text, names in plans.items():
+            print(f"{len(names)} cell(s): {'; '.join(names)}\n{text}\n", flush=True)
 
     def job(self, fixed: list[str], cell: dict[str, str], lr: float) -> list[str]:
         return [*fixed, *_overrides(cell), f"{self.lr_key}={lr!r}"]
