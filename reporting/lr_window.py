@@ -321,8 +321,8 @@ class ReportOnSweepEnd(Callback):
         from reporting.callbacks import departures, out_chosen
         sweep_dir = Path(config.hydra.sweep.dir)
         summary = load_summary(sweep_dir)
-        if summary is None:
-            log.warning("no %s under %s (plan=true, or the sweep stopped); no report built", SUMMARY_NAME, sweep_dir)
+        if summary is None:  # plan=true prints plans only; otherwise the sweep stopped before its end
+            (log.info if config.get("plan") else log.warning)("no %s under %s; no report built", SUMMARY_NAME, sweep_dir)
             return
         published = Path(self.out) if self.out else sweep_dir / "report"
         changed = [] if out_chosen(config) else departures(config, preset_axes(config))
