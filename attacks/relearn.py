@@ -1,4 +1,4 @@
-"""The relearning (tampering) attack: fine-tune on some text, evaluate every N steps, stop on divergence.
+"""The relearning (tampering) attack: fine-tune on some text, evaluate every N steps, stop once every dagger rule fired.
 
 Every optimizer is a `_target_` config (`conf/attack/<name>.yaml`); this class only wires the model's
 parameters to it (`attacks.optimizers`), optionally undoes a defense or wraps the model in LoRA first,
@@ -28,7 +28,8 @@ from harness.data import split_task_names
 from harness.errors import ConfigError
 from harness.interfaces import NoAttack  # noqa: F401 - conf/attack/none.yaml's _target_ (see there)
 from harness.memory import Costs, Defended, Shape, Stage, lora_params
-from harness.outcome import RECOVERY_RULES, AttackResult, RecoveryRule, best, divergence, first_event, steps_to_recover
+from harness.outcome import (DAGGER_RULES, RECOVERY_RULES, AttackResult, DaggerRule, RecoveryRule, best, first_event,
+                             steps_to_recover)
 from harness.rules import (MISSING, Rule, check_rules, get, non_negative_int, one_of, or_none, positive, positive_int,
                            unit_interval)
 from harness.train import lm_loss, lr_lambda, train_loop
@@ -50,9 +51,14 @@ RULES: list[Rule] = [
     ("eval_every", positive_int, "an integer >= 1"),
     ("warmup_steps", non_negative_int, "an integer >= 0"),
     ("schedule", one_of("constant", "linear", "cosine"), "constant, linear or cosine"),
-    ("divergence_factor", positive, "a finite number > 0"),
+    ("dagger.rule", one_of(*DAGGER_RULES), "broken or legacy"),
+    ("dagger.ppl_factor", positive, "a finite number > 0"),
+    ("dagger.utility_fraction", unit_interval, "a number in [0, 1]"),
+    ("dagger.chance", unit_interval, "a number in [0, 1]"),
+    ("dagger.loss_factor", positive, "a finite number > 0"),
+    ("dagger.legacy_factor", positive, "a finite number > 0"),
     ("recovery_rule", one_of(*RECOVERY_RULES), "intact or legacy"),
-    ("intact_ppl_factor", positive, "a finite number > 0"),
+    ("intact_ppl_factor", or_none(positive), "null or a finite number > 0"),
     ("max_utility_drop", unit_interval, "a number in [0, 1]"),
     ("data.source", one_of(*DATA_SOURCES), "forget, questions, retain or unrelated"),
     ("data.n_samples", or_none(positive_int), "null or an integer >= 1"),
@@ -63,6 +69,19 @@ RULES: list[Rule] = [
     ("sharpness_every", or_none(positive_int), "null or an integer >= 1"),
     ("checkpoint_every", or_none(positive_int), "null or an integer >= 1"),
 ]
+
+
+def dagger_rule(dagger: dict | None) -> DaggerRule:
+    """The `attack.dagger` config as a DaggerRule (its `rule` key is the rule's name)."""
+    fields = dict(dagger or {})
+    unknown = set(fields) - {"rule"} - {f.name for f in dataclasses.fields(DaggerRule)} | ({"name"} & set(fields))
+    if unknown:
+        raise ConfigError(f"attack.dagger: unknown keys {sorted(unknown)}; allowed rule, ppl_factor, utility_fraction, "
+                          "chance, loss_factor, legacy_factor")
+    name = fields.pop("rule", DaggerRule.name)
+    if name not in DAGGER_RULES:
+        raise ConfigError(f"attack.dagger.rule={name!r}: allowed {', '.join(DAGGER_RULES)}")
+    return DaggerRule(name, **fields)
 
 
 def relearn_texts(data, source: str, splits, n_samples: int | None, seed: int) -> list[str]:
@@ -107,12 +126,12 @@ class Relearn:
 
     def __init__(self, name: str, optimizer: Callable, steps: int, batch_size: int, data: dict,
                  eval_every: int, grad_accum: int = 1, schedule: str = "constant", warmup_steps: int = 0,
-                 max_grad_norm: float | None = None, divergence_factor: float = 2.0, seed: int = 0,
+                 max_grad_norm: float | None = None, dagger: dict | None = None, seed: int = 0,
                  second_order: bool = False, recover_threshold: float | None = None,
                  param_split: str | None = None, aux_optimizer: Callable | None = None, peft=None,
                  undo: str | None = None, sharpness_every: int | None = None, sharpness_iters: int = 20,
                  recover_metric: str = "hazard_acc", stop_when_recovered: bool = False,
-                 recovery_rule: str = "intact", intact_ppl_factor: float = 2.0, max_utility_drop: float = 0.05,
+                 recovery_rule: str = "intact", intact_ppl_factor: float | None = None, max_utility_drop: float = 0.05,
                  checkpoint_every: int | None = None, lora_placement: str = "around",
                  trainable: list[str] | None = None, frozen: list[str] | None = None, partial: str | None = None):
         self.name = name
@@ -121,14 +140,15 @@ class Relearn:
         self.data = _check_data(data)
         self.eval_every = eval_every
         self.schedule, self.warmup_steps, self.max_grad_norm = schedule, warmup_steps, max_grad_norm
-        self.divergence_factor = divergence_factor
+        self.dagger = dagger_rule(dagger)
+        self.intact_ppl_factor = intact_ppl_factor  # None: each dagger rule's own perplexity bound
         self.seed = seed
         self.second_order = second_order  # forces create_graph; second-order optimizers get it anyway
         self.recover_threshold = recover_threshold  # None: the undefended model's recover_metric (default_threshold)
         self.recover_metric = _check_choice("recover_metric", recover_metric, RECOVER_METRICS)
         self.stop_when_recovered = stop_when_recovered
         self.rule = RecoveryRule(_check_choice("recovery_rule", recovery_rule, RECOVERY_RULES), self.recover_metric,
-                                 intact_ppl_factor, max_utility_drop)
+                                 self.intact_bound(self.dagger), max_utility_drop)
         self.peft = _check_peft(peft)
         self.lora_placement = _check_choice("lora_placement", lora_placement, LORA_PLACEMENTS)
         self.lora_defended: list[str] = []  # defended layers the adapters were placed on (recorded)
@@ -148,6 +168,8 @@ class Relearn:
         check_optimizer_config(node)
         _check_recovery_rule(cfg, node)
         _check_split_metric(cfg, node)
+        if node.get("dagger") is not None:
+            dagger_rule(node.get("dagger"))  # unknown keys, before any model loads
 
     needs_double_backward = staticmethod(config_needs_double_backward)
 
@@ -241,18 +263,20 @@ class Relearn:
                 next(batches)
         else:
             trajectory, done_losses, start_step = [measure(0, None)], [], 0
-        state = {"reason": None, "step": None}
+        def first_loss() -> float | None:
+            losses = done_losses + loop_losses
+            return losses[0] if losses else None
 
         def on_step(step: int, loss: float) -> bool:
             if step % self.eval_every and step != self.steps:
                 return False
             point = measure(step, loss)
             trajectory.append(point)
-            state["reason"] = divergence(point, start["retain_ppl"], self.divergence_factor)
-            if state["reason"]:
-                state["step"] = step
-                log.info("%s: diverged at step %d (%s)", self.name, step, state["reason"])
-                return True
+            daggers = self.daggers(trajectory, start, first_loss())
+            if daggers[self.dagger.name][0] == step:
+                log.info("%s: † at step %d (%s)", self.name, step, daggers[self.dagger.name][1])
+            if all(at is not None for at, _ in daggers.values()):
+                return True  # every rule's verdict is in: nothing more to record
             recovered = self.rule.recovered(point, start, threshold)
             if checkpoint.due(step):
                 checkpoint.save(step, model, optimizers, schedulers,
@@ -277,10 +301,9 @@ class Relearn:
             log.info("%s: continued from step %d", self.name, start_step)
         if loop.nonfinite_step is not None:
             trajectory.append(measure(loop.nonfinite_step, float("nan")))
-            state["reason"], state["step"] = "non-finite loss", loop.nonfinite_step
         set_mode(optimizers, "eval")  # the attacked model is the one that was evaluated
         checkpoint.clear()
-        result = self.result(trajectory, start, threshold, state, loop, create_graph)
+        result = self.result(trajectory, start, threshold, loop, create_graph)
         result.extra["resumed_from_step"] = start_step if resumed else None
         return result
 
@@ -311,30 +334,57 @@ class Relearn:
                 raise ConfigError(f"attack.{key}={value!r} with a forward-only optimizer "
                                   f"({type(optimizers[0]).__name__}): allowed null/false (it takes no gradient)")
 
-    def result(self, trajectory, start, threshold, state, loop, create_graph) -> AttackResult:
+    def daggers(self, trajectory: list[dict], start: dict, first_loss: float | None) -> dict:
+        """{rule: (step, reason)} of each dagger rule's first † in `trajectory` ((None, None): none yet)."""
+        return {name: dataclasses.replace(self.dagger, name=name).first(trajectory, start, first_loss)
+                for name in DAGGER_RULES}
+
+    def intact_bound(self, dagger: DaggerRule) -> float:
+        """The perplexity bound of an intact model under `dagger`: intact_ppl_factor, else the rule's own."""
+        return self.intact_ppl_factor if self.intact_ppl_factor is not None else dagger.perplexity_factor
+
+    def outcome_under(self, name: str, trajectory, start, threshold, daggers: dict, steps: int) -> tuple[int | None, dict]:
+        """(first recovery, outcome) of the run read under dagger rule `name` (its own intact bound)."""
+        dagger = dataclasses.replace(self.dagger, name=name)
+        rule = dataclasses.replace(self.rule, ppl_factor=self.intact_bound(dagger))
+        recovered = rule.first_recovery(trajectory, start, threshold)
+        return recovered, first_event(trajectory, recovered, daggers[name][0], steps)
+
+    def result(self, trajectory, start, threshold, loop, create_graph) -> AttackResult:
+        first_loss = loop.losses[0] if loop.losses else None
+        daggers = self.daggers(trajectory, start, first_loss)
+        outcomes = {name: self.outcome_under(name, trajectory, start, threshold, daggers, loop.steps)
+                    for name in DAGGER_RULES}
         by_rule = {name: dataclasses.replace(self.rule, name=name).first_recovery(trajectory, start, threshold)
                    for name in RECOVERY_RULES}
+        step, reason = daggers[self.dagger.name]
         extra = {
             "steps_to_recover_by_rule": by_rule,  # both definitions, so one sweep can compare them
+            # every dagger rule's verdict, so a table can be rebuilt under either (reporting --dagger-rule)
+            "dagger_by_rule": {name: {"step": at, "reason": why} for name, (at, why) in daggers.items()},
+            "outcome_by_rule": {name: outcome for name, (_, outcome) in outcomes.items()},
+            "first_loss": first_loss,  # the broken rule's reference for an exploding training loss
             "relearned_splits": sorted(self.data.get("splits") or []) if self.data["source"] in SPLIT_SOURCES else [],
             "steps_to_recover_relearned": steps_to_recover(trajectory, threshold, "relearned_acc"),
             "steps_to_recover_heldout": steps_to_recover(trajectory, threshold, "heldout_acc"),
             "best_relearned_acc": best(trajectory, "relearned_acc"),
             "best_heldout_acc": best(trajectory, "heldout_acc"),
-            "recover_metric": self.recover_metric, "stopped_when_recovered": loop.stopped_early and not state["reason"],
+            "recover_metric": self.recover_metric, "stopped_when_recovered": loop.stopped_early and reason is None,
             "create_graph": create_graph, "peft": self.peft is not None, "undo": self.undo,
             "lora_placement": self.lora_placement if self.peft is not None else None,
             "lora_defended_layers": self.lora_defended,
             "partial": self.partial, "trainable": self.trainable, "frozen": self.frozen, **self.selection,
         }
-        recovered = by_rule[self.rule.name]
+        recovered, outcome = outcomes[self.dagger.name]
         return AttackResult(trajectory=trajectory, steps_to_recover=recovered,
-                            threshold=threshold, diverged=state["reason"] is not None,
-                            divergence_step=state["step"], divergence_reason=state["reason"], steps=loop.steps,
+                            threshold=threshold, diverged=step is not None,
+                            divergence_step=step, divergence_reason=reason, steps=loop.steps,
                             final=dict(trajectory[-1]), best_hazard_acc=best(trajectory, "hazard_acc"),
                             tokens_per_second=loop.tokens_per_second, train_seconds=loop.train_seconds,
-                            losses=loop.losses, extra=extra, recovery_rule=dataclasses.asdict(self.rule),
-                            outcome=first_event(trajectory, recovered, state["step"], loop.steps))
+                            losses=loop.losses, extra=extra,
+                            recovery_rule=dataclasses.asdict(dataclasses.replace(
+                                self.rule, ppl_factor=self.intact_bound(self.dagger))),
+                            dagger_rule=dataclasses.asdict(self.dagger), outcome=outcome)
 
     def sharpness(self, model, batch: dict, lr: float) -> dict:
         """Top Hessian eigenvalue of the relearning loss on a fixed batch, beside the edge-of-stability

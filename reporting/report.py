@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.outcome import DAGGER_RULES
 from harness.record import RECORD_NAME
 from reporting.tables import build_tables, frame_of, load_records, write_tables
 
@@ -35,11 +36,17 @@ def main(argv=None) -> int:
     parser.add_argument("--wandb", action="store_true", help="also log the tables and plots to wandb")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online"])
     parser.add_argument("--wandb-project", default="specdef-harness")
+    parser.add_argument("--dagger-rule", default=None, choices=list(DAGGER_RULES),
+                        help="read every run under this dagger rule (default: the rule each run used)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or args.root / "report"
     records = load_records(args.root)
-    df = frame_of(records)
+    try:
+        df = frame_of(records, args.dagger_rule)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 1
     if df.empty:
         print(f"error: no complete {RECORD_NAME} under {args.root}")
         return 1

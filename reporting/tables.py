@@ -11,7 +11,7 @@ Tables (the paper's format):
   kinds, `attack.outcome` of the record (harness.outcome.first_event: whichever came first):
   * `✓n / acc`: recovered at step n, the first evaluated step counted as recovered by the run's
     `attack.recovery_rule` (intact: hazard accuracy >= threshold with the model still intact);
-  * `†n / acc`: diverged (the paper's dagger: retain perplexity above `divergence_factor` x the
+  * `†n / acc`: diverged (the dagger rule of the record, harness/outcome.py; legacy: retain perplexity above 2 x the
     start's, or a non-finite loss) at step n, before any recovery;
   * `>n / acc`: neither within the n steps run.
   acc = the hazard accuracy at that step (the last evaluated one for `>n`). Several seeds of
@@ -157,19 +157,28 @@ def ablation(record: dict) -> str | None:
     return "specdef (reference)"
 
 
-def record_outcome(record: dict) -> dict:
-    """{kind, step, hazard_acc} of a relearning run: the record's own, or for records written before
-    runs carried it, the same rule applied to its fields (recovery as recorded, without the intact check)."""
+def record_outcome(record: dict, dagger_rule: str | None = None) -> dict:
+    """{kind, step, hazard_acc} of a relearning run: the record's own (under `dagger_rule`, when given:
+    every run records each rule's verdict), or for records written before runs carried it, the same
+    rule applied to its fields (recovery as recorded, without the intact check)."""
     attack = record.get("attack", {})
+    if dagger_rule is not None:
+        by_rule = _get(attack, "extra.outcome_by_rule") or {}
+        if dagger_rule in by_rule:
+            return by_rule[dagger_rule]
+        own = (attack.get("dagger_rule") or {}).get("name", "legacy")  # before the rules: the paper's 2x
+        if own != dagger_rule:
+            raise ValueError(f"a record of {_get(record, 'config.defense.name')} / {attack.get('name')} has no "
+                             f"verdict under dagger rule {dagger_rule!r} (written under {own!r} only): run it again")
     if attack.get("outcome"):
         return attack["outcome"]
     return first_event(attack.get("trajectory") or [{"step": 0}], attack.get("steps_to_recover"),
                        attack.get("divergence_step") if attack.get("diverged") else None, attack.get("steps"))
 
 
-def record_row(path: Path, record: dict) -> dict:
+def record_row(path: Path, record: dict, dagger_rule: str | None = None) -> dict:
     attack, metrics = record.get("attack", {}), record.get("metrics", {})
-    outcome = record_outcome(record)
+    outcome = record_outcome(record, dagger_rule)
     row = {
         "run": str(path.parent), "optimizer": attack.get("name"), "defense": defense_label(record),
         "defense_name": _get(record, "defense.name"), "alpha": _alpha(record),
@@ -202,9 +211,9 @@ def records_frame(root: Path) -> pd.DataFrame:
     return frame_of(load_records(root))
 
 
-def frame_of(records) -> pd.DataFrame:
-    """One row per (path, record) of load_records."""
-    return pd.DataFrame([record_row(p, r) for p, r in records])
+def frame_of(records, dagger_rule: str | None = None) -> pd.DataFrame:
+    """One row per (path, record) of load_records; outcomes under `dagger_rule` (None: each record's own)."""
+    return pd.DataFrame([record_row(p, r, dagger_rule) for p, r in records])
 
 
 # ---------------------------------------------------------------------------------------------
