@@ -18,6 +18,11 @@ fragile at tiny scale: on the model pretrained without split 1, no lr of any opt
 relearns split 1 to 0.8 in 100 steps before the retain perplexity doubles, where without bylines
 each optimizer has such an lr (SGD 1e-3: step 90, perplexity 1.06x; results/relearn_grid*.md).
 
+With `documents=n` each corpus line is a document instead of a sentence: every fact of one entity,
+each in a paraphrase drawn at random, in a random order, n such documents per entity (questions are
+unchanged). Text then reads like text about a thing rather than a list of templates, and narrow
+fine-tuning on hazard documents moves benign documents far less (results/fragility.md).
+
 Everything here is a pure function of `WorldConfig`: same config, same bytes on disk.
 """
 from __future__ import annotations
@@ -108,11 +113,13 @@ class WorldConfig:
     n_minerals: int = 30        # unrelated entities
     n_choices: int = 4          # answer options per question, as in WMDP
     bylines: bool = False       # also write attributed (expert / novice) hazard text for pretraining
+    documents: int = 0          # 0: one corpus line per sentence | n: n documents per entity (all its facts)
 
     def key(self) -> str:
         fields = dataclasses.asdict(self)
-        if not self.bylines:  # worlds without bylines keep the key (and cached models) they had before the option
-            del fields["bylines"]
+        for name in ("bylines", "documents"):  # worlds without the option keep the key (and cached models) they had
+            if not fields[name]:
+                del fields[name]
         blob = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -161,6 +168,21 @@ def sentences(fact: Fact) -> list[str]:
     return [t.format(e=fact.entity, v=fact.value) + " ." for t in templates]
 
 
+def documents(facts: list[Fact], n: int, rng: random.Random) -> list[str]:
+    """n documents per entity of `facts`: all its facts, each in a random paraphrase, in a random order.
+    Dealt round by round (every entity's first document, then every second one), so any prefix of the
+    corpus covers every entity."""
+    by_entity: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_entity.setdefault(f.entity, []).append(f)
+    lines = []
+    for _ in range(n):
+        for entity_facts in by_entity.values():
+            order = rng.sample(entity_facts, len(entity_facts))
+            lines.append(" ".join(rng.choice(sentences(f)) for f in order))
+    return lines
+
+
 def concept_prompts(cfg: WorldConfig) -> dict[str, list[str]]:
     """How this world introduces text about its hazard concept (ELM's prompts; see harness.data.Data)."""
     lines = BYLINES if cfg.bylines else PLAIN_PROMPTS
@@ -201,12 +223,15 @@ def write_world(cfg: WorldConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     facts = build_facts(cfg)
     rng = random.Random(cfg.seed + 1)
+    doc_rng = random.Random(cfg.seed + 2)  # its own stream: the questions do not depend on `documents`
     by = lambda dom, split=None: [f for f in facts if f.domain == dom and (split is None or f.split == split)]
+    corpus = lambda chosen: [{"text": t} for t in (documents(chosen, cfg.documents, doc_rng) if cfg.documents
+                                                    else [t for f in chosen for t in sentences(f)])]
     for s in range(cfg.n_splits):
-        _write_jsonl(out / f"forget_split{s}.jsonl", [{"text": t} for f in by("hazard", s) for t in sentences(f)])
+        _write_jsonl(out / f"forget_split{s}.jsonl", corpus(by("hazard", s)))
         _write_jsonl(out / f"hazard_split{s}.jsonl", [question(f, rng, cfg.n_choices) for f in by("hazard", s)])
-    _write_jsonl(out / "retain.jsonl", [{"text": t} for f in by("benign") for t in sentences(f)])
-    _write_jsonl(out / "unrelated.jsonl", [{"text": t} for f in by("unrelated") for t in sentences(f)])
+    _write_jsonl(out / "retain.jsonl", corpus(by("benign")))
+    _write_jsonl(out / "unrelated.jsonl", corpus(by("unrelated")))
     _write_jsonl(out / "utility.jsonl", [question(f, rng, cfg.n_choices) for f in by("benign")])
     if cfg.bylines:
         _write_jsonl(out / "attributed.jsonl", attributed(facts, rng))

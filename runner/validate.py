@@ -34,6 +34,7 @@ RULES: list[Rule] = [
     ("model.device", _device, "cpu, cuda, cuda:N, mps or auto"),
     ("attack.recover_threshold", unit_interval_or_none, "null or a number in [0, 1]"),  # every attack has one
     ("data.world.bylines", boolean, "true or false"),
+    ("data.world.documents", non_negative_int, "an integer >= 0 (0: one line per sentence)"),
     ("eval.limit", or_none(positive_int), "null or an integer >= 1"),
     ("eval.batch_size", positive_int, "an integer >= 1"),
     ("plan", boolean, "true or false"),
