@@ -3,8 +3,10 @@ including † for diverged runs, — for runs not made, mean ± std over seeds, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from reporting import report, tables
@@ -315,3 +317,22 @@ def test_what_makes_a_sweep_other_than_its_preset(lines, changed):
     with open_dict(cfg):  # compose refuses sweeps: the task overrides as a multirun records them
         cfg.hydra.overrides.task = ["experiment=table1", *lines]
     assert departures(cfg) == changed
+
+
+def _heldout_runs(rows):
+    return pd.DataFrame(rows, columns=["lr", "initial_relearned", "best_relearned", "initial_heldout", "best_heldout"])
+
+
+@pytest.mark.parametrize("rows, verdict, ratio", [
+    # RMU-like: both splits back to ~0.99 by the same attack
+    ([(3e-4, 0.42, 0.99, 0.41, 0.99), (1e-3, 0.42, 0.98, 0.41, 0.90)], "hidden", 0.58 / 0.57),
+    # TAR-like: the relearned split climbs, the held-out one barely moves
+    ([(3e-4, 0.23, 0.60, 0.23, 0.29)], "removed", 0.06 / 0.37),
+    # the lr that relearned most decides, not the one whose held-out split happened to move most
+    ([(3e-4, 0.3, 0.4, 0.3, 0.38), (1e-3, 0.3, 0.9, 0.3, 0.4)], "removed", 0.1 / 0.6),
+    ([(3e-4, 0.3, 0.35, 0.3, 0.35)], "unclear (nothing relearned)", math.nan),
+])
+def test_held_out_recovery_says_hidden_or_removed(rows, verdict, ratio):
+    got_ratio, got = tables.hidden_or_removed(_heldout_runs(rows))
+    assert got == verdict
+    assert (math.isnan(got_ratio) and math.isnan(ratio)) or got_ratio == pytest.approx(ratio)
