@@ -336,3 +336,11 @@ def test_held_out_recovery_says_hidden_or_removed(rows, verdict, ratio):
     got_ratio, got = tables.hidden_or_removed(_heldout_runs(rows))
     assert got == verdict
     assert (math.isnan(got_ratio) and math.isnan(ratio)) or got_ratio == pytest.approx(ratio)
+
+
+def test_the_summary_gets_each_defenses_held_out_verdict():
+    from reporting.summary import COLUMN, with_knowledge
+    table1 = pd.DataFrame({"defense": ["none", "rmu", "tar"], "adam": ["✓0", "✓10", ">150"]})
+    heldout = pd.DataFrame({"defense": ["none", "rmu", "rmu"], "optimizer": ["adam", "adam", "sgd"],
+                            "knowledge": ["—", "hidden", "removed"]})
+    assert list(with_knowledge(table1, heldout)[COLUMN]) == ["—", "hidden", "—"]
