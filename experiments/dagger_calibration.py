@@ -91,6 +91,8 @@ def main(argv=None) -> int:
         + ("." if declared == factor else " -- they differ: update the config and regenerate the tables."),
         f"Lower half of the grids: the broken rule fired on {(lower['broken_dagger'] != '-').sum()} of "
         f"{len(lower)} runs (perplexity part off), the legacy rule on {(lower['legacy_dagger'] != '-').sum()}.",
+        "Runs: Table 1's preset (150 steps, 1 thread per job, 1 job at a time by default); the provenance above is "
+        "of the script that launched and read them.",
         "max_ppl_ratio: the largest retain perplexity over the start's (at_step); max_loss_ratio: the "
         "largest evaluated training loss over the first step's; the dagger columns: each rule's first † "
         "with its reason, '-' for none.",
