@@ -3,6 +3,7 @@ would run with, the cached tiny model and its data as the harness builds them, a
 written as CSV + Markdown with its provenance."""
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +21,7 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 def script_command(module: str, argv: Sequence[str] | None) -> str:
     """The command line that ran `python -m <module>` with `argv` (None: this process's)."""
-    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+    return " ".join(["python -m", module, shlex.join(sys.argv[1:] if argv is None else argv)]).rstrip()
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False):

@@ -26,9 +26,9 @@ TARGET = 1.3
 DOCUMENTS = ["data.world.documents=6", "data.max_length=64", "model.spec.max_position_embeddings=64"]
 CANDIDATES = {
     "sentences": [],
-    "sentences, 4000 steps": ["model.spec.steps=4000"],
+    "sentences-4000": ["model.spec.steps=4000"],      # pretrained twice as long
     "documents": DOCUMENTS,
-    "documents, 1000 steps": [*DOCUMENTS, "model.spec.steps=1000"],
+    "documents-1000": [*DOCUMENTS, "model.spec.steps=1000"],
 }
 ATTACK = ["defense=none", "attack=adam", "lr=3e-4", "attack.steps=150", "attack.eval_every=10",
           "attack.data.splits=[0]", "attack.batch_size=64", "resume=false", "cache_defended=false", "threads=1"]
@@ -38,7 +38,7 @@ def measure(name: str, overrides: list[str], out: Path) -> dict:
     from runner import pipeline  # torch only when something runs
     manifest = json.loads((tiny_setup(overrides)[0] / "manifest.json").read_text())
     cfg = compose_config([*overrides, *ATTACK])
-    record = pipeline.run(cfg, out / name.replace(" ", "_").replace(",", ""))
+    record = pipeline.run(cfg, out / name)
     trajectory = record["attack"]["trajectory"]
     start, base = trajectory[0], record["metrics"]["base"]
     ratios = [p["retain_ppl"] / start["retain_ppl"] for p in trajectory]
