@@ -229,6 +229,10 @@ class Relearn:
                 point = {"step": step, "loss": loss, **metrics, **split_accuracies(metrics, *tasks)}
                 if self.sharpness_every and step % self.sharpness_every == 0:
                     point.update(self.sharpness(model, probe, current_lr(optimizers)))
+            # dist=fsdp: forwards without a backward leave weights gathered (the root's; with
+            # reshard_after_forward=false every block's), which MeZO's next perturbation of the shards
+            # would not reach: its first loss would be that of θ with part of the model unperturbed
+            distributed.reshard(model)
             if on_eval:
                 on_eval(point)
             return point
