@@ -106,6 +106,38 @@ def test_sgld_step_equals_sgd_plus_gaussian_noise_of_variance_2lr_over_t(tiny_mo
                                    rtol=0, atol=1e-12)
 
 
+def test_sgld_temperature_counts_tokens_since_the_loss_is_a_per_token_mean(tiny_model, data):
+    """The relearning loss is the mean NLL over the batch's loss-bearing tokens (texts of different
+    lengths weigh by their tokens), so SGLD's exp(-T·L) is the Bayesian posterior of a set at T = its
+    number of tokens N, not its number of texts n: on a per-token-mean quadratic loss over N = 40
+    tokens in n = 4 texts, the chain's variance is that of the posterior, 1/N (up to the step's
+    discretisation), ten times below the 1/n of T = n."""
+    import torch.nn.functional as F
+    model, tokenizer = tiny_model
+    batch = one_batch(tokenizer, data)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    assert mask.sum(1).unique().numel() > 1  # texts of different lengths
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+        assert float(lm_loss(model, batch)) == pytest.approx(float(nll.sum() / mask.sum()), rel=1e-5)
+
+    tokens = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # n=4, N=40
+    theta = torch.nn.Parameter(tokens.mean().reshape(1).clone())
+    lr, n_tokens = 0.05, tokens.numel()
+    opt = SGLD([theta], lr=lr, temperature=float(n_tokens), seed=0)
+    samples = []
+    for _ in range(20000):
+        opt.zero_grad()
+        (0.5 * (theta - tokens) ** 2).mean().backward()
+        opt.step()
+        samples.append(float(theta.detach()))
+    variance = torch.tensor(samples[1000:], dtype=torch.float64).var().item()
+    posterior = 1 / n_tokens / (1 - lr / 2)  # exp(-N·L) = N(mean, 1/N); the step's discretisation
+    assert variance == pytest.approx(posterior, rel=0.15), variance
+
+
 def test_schedule_free_is_evaluated_and_left_at_its_average(tiny_model, data):
     model, tokenizer = tiny_model
     seen = []
