@@ -90,6 +90,45 @@ def test_mezo_needs_a_closure_and_skips_a_non_finite_estimate():
     torch.testing.assert_close(p.detach(), torch.ones(3))
 
 
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each (normal) value of x, in x's dtype, as float64."""
+    _, exponent = torch.frexp(x.double().abs())
+    return torch.finfo(x.dtype).eps * torch.pow(2.0, exponent.double() - 1)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.bfloat16, 0.02), (torch.float32, 0.02 * 1e4)],
+                         ids=["bfloat16", "float32-amplified"])
+def test_mezo_restores_in_place_within_its_rounding_and_bit_for_bit_with_exact_restore(dtype, scale):
+    """A step whose estimate is 0 (a constant loss) must leave θ where it was. In place, the three
+    roundings (to θ + εz, θ − εz, back) leave up to ~1.5 ulp per weight, whole units of θ's last place
+    on some (bfloat16 weights; float32 weights amplified by α = 1e4): not ε·ulp. exact_restore=True
+    restores θ bit for bit."""
+    theta = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
+    eps, seed = 1e-3, 1
+
+    def one_step(exact: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(theta.clone())
+        opt = MeZO([p], lr=1e-6, eps=eps, seed=seed, exact_restore=exact)
+        assert float(opt.step(lambda: torch.tensor(1.0))) == 1.0  # g = 0: the update adds exactly 0
+        return p.detach()
+
+    assert torch.equal(one_step(True), theta)
+    restored = one_step(False)
+    z = by_hand_gaussians([theta], seed, 0)[0]
+    plus = theta.add(z, alpha=eps)
+    minus = plus.add(z, alpha=-2 * eps)
+    error = (restored.double() - theta.double()).abs()
+    assert (error <= 0.5 * (_ulp(plus) + _ulp(minus) + _ulp(restored))).all()
+    assert (error >= _ulp(theta)).sum() > 100
+
+
+def test_mezo_exact_restore_keeps_a_copy_in_the_memory_plan():
+    from attacks.optimizers import states_per_parameter
+    assert states_per_parameter(compose_cfg("attack=mezo").attack.optimizer, 2) == 0
+    exact = compose_cfg("attack=mezo", "attack.optimizer.exact_restore=true").attack.optimizer
+    assert states_per_parameter(exact, 2) == 1
+
+
 def test_sgld_step_equals_sgd_plus_gaussian_noise_of_variance_2lr_over_t(tiny_model, data):
     model, tokenizer = tiny_model
     model.double()
