@@ -17,9 +17,12 @@ weights during each step and restores from it, bit for bit (memory: one more cop
 well-kept library implements MeZO for torch models (the authors' code patches the HF Trainer), so
 this is a small implementation behind torch's optimizer interface.
 
-A step whose estimate is not finite is skipped (θ restored) and its loss returned, so the loop
-records a non-finite loss and stops. With dropout the two passes see different masks; the models
-this harness attacks use none.
+A step whose estimate is not finite (the loss at θ + εz or θ − εz overflowed) is skipped with θ
+restored, and returns a NaN loss so that the loop stops: the loss at θ itself was never computed,
+so the step is recorded as a probe overflow (`probe_overflow`: the step and both probe losses; the
+relearning attack evaluates θ and records it as its stop reason, a † only if θ itself is broken), not
+as a non-finite loss of θ. With dropout the two passes see different masks; the models this harness
+attacks use none.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class MeZO(torch.optim.Optimizer):
         # `step` lives in the param group so a checkpoint (state_dict) carries it to a resumed run
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, step=0))
         self.eps, self.seed, self.exact_restore = float(eps), int(seed), bool(exact_restore)
+        self.probe_overflow: dict | None = None  # the last step's, when its probe losses were not finite
 
     @staticmethod
     def states_per_parameter(node) -> int:
@@ -75,8 +79,10 @@ class MeZO(torch.optim.Optimizer):
                 p.copy_(copy)
             del saved
         projected = float(loss_plus - loss_minus) / (2 * self.eps)
-        if not math.isfinite(projected):
-            return torch.tensor(float("nan"))  # θ is back where it was; the loop stops on this loss
+        if not math.isfinite(projected):  # θ is back where it was; the loop stops on this NaN
+            self.probe_overflow = {"step": t + 1, "loss_plus": float(loss_plus), "loss_minus": float(loss_minus)}
+            return torch.tensor(float("nan"))
+        self.probe_overflow = None
         params = self._params()
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for p, z in zip(params, gaussians(params, self.seed, t)):

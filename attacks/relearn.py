@@ -245,7 +245,7 @@ class Relearn:
                 next(batches)
         else:
             trajectory, done_losses, start_step = [measure(0, None)], [], 0
-        state = {"reason": None, "step": None}
+        state = {"reason": None, "step": None, "stop": None}
 
         def on_step(step: int, loss: float) -> bool:
             if step % self.eval_every and step != self.steps:
@@ -279,7 +279,21 @@ class Relearn:
         loop.losses = done_losses + loop.losses
         if resumed:
             log.info("%s: continued from step %d", self.name, start_step)
-        if loop.nonfinite_step is not None:
+        overflow = probe_overflow(optimizers) if loop.nonfinite_step is not None else None
+        if overflow is not None:
+            # MeZO: L(θ ± εz) not finite, so no step was taken and θ (restored) is that of the last step taken,
+            # whose own loss was never computed: evaluated (unless it just was), a † only if θ itself broke
+            if trajectory[-1]["step"] != loop.steps:
+                trajectory.append(measure(loop.steps, None))
+            point = trajectory[-1]
+            point["probe_losses"] = [overflow["loss_plus"], overflow["loss_minus"]]
+            state["stop"] = (f"probe overflow: non-finite loss at θ ± εz (L+ = {overflow['loss_plus']:.4g}, "
+                             f"L- = {overflow['loss_minus']:.4g}) in step {overflow['step']}; "
+                             "θ restored, no step taken")
+            state["reason"] = divergence(point, start["retain_ppl"], self.divergence_factor)
+            state["step"] = loop.steps if state["reason"] else None
+            log.info("%s: stopped after step %d (%s)", self.name, loop.steps, state["stop"])
+        elif loop.nonfinite_step is not None:
             trajectory.append(measure(loop.nonfinite_step, float("nan")))
             state["reason"], state["step"] = "non-finite loss", loop.nonfinite_step
         set_mode(optimizers, "eval")  # the attacked model is the one that was evaluated
@@ -338,6 +352,7 @@ class Relearn:
                             final=dict(trajectory[-1]), best_hazard_acc=best(trajectory, "hazard_acc"),
                             tokens_per_second=loop.tokens_per_second, train_seconds=loop.train_seconds,
                             losses=loop.losses, extra=extra, recovery_rule=dataclasses.asdict(self.rule),
+                            stop_reason=state.get("stop"),
                             outcome=first_event(trajectory, recovered, state["step"], loop.steps))
 
     def sharpness(self, model, batch: dict, lr: float) -> dict:
@@ -346,6 +361,12 @@ class Relearn:
         from specdef.hessian import sharpness  # lazy: only runs that log sharpness need it
         out = sharpness(model, batch, lr=lr, iters=self.sharpness_iters)
         return {"lambda_max": float(out["lambda_max"]), "two_over_lr": float(out["two_over_lr"])}
+
+
+def probe_overflow(optimizers) -> dict | None:
+    """The step a zeroth-order optimizer (MeZO) stopped at because its probe losses L(θ ± εz) were not
+    finite ({step, loss_plus, loss_minus}), or None: the loss at θ itself was never computed."""
+    return next((o.probe_overflow for o in optimizers if getattr(o, "probe_overflow", None)), None)
 
 
 def set_mode(optimizers, mode: str) -> None:

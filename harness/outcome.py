@@ -3,7 +3,8 @@
 A relearning run ends in one of three ways, read from its evaluated points: **recovered** (the
 hazard accuracy reached the threshold while the model was still intact, `RecoveryRule`), **diverged**
 (the paper's dagger †: retain perplexity beyond `divergence_factor` x the start's, or a non-finite
-loss, `divergence`) or **neither** within the steps run. `first_event` says which came first; the
+loss, `divergence`) or **neither** within the steps run (also when the attack could not go on, e.g. a
+MeZO probe overflow: `stop_reason` says why). `first_event` says which came first; the
 attack writes it into the record (`attack.outcome`) and the tables read it back, so the meaning of a
 record lives here, beside the result, and needs no torch.
 """
@@ -35,6 +36,9 @@ class AttackResult:
     # which came first: {kind: recovered | diverged | not_recovered, step, hazard_acc} (first_event)
     outcome: dict[str, Any] = dataclasses.field(default_factory=dict)
     recovery_rule: dict[str, Any] = dataclasses.field(default_factory=dict)  # the rule steps_to_recover used
+    # why the attack stopped before its steps because it could not go on (a MeZO probe overflow: the loss
+    # at θ ± εz was not finite; θ itself is evaluated, and the run is † only if θ broke); None otherwise
+    stop_reason: str | None = None
 
     def summary(self) -> dict:
         d = dataclasses.asdict(self)

@@ -86,8 +86,12 @@ def test_mezo_needs_a_closure_and_skips_a_non_finite_estimate():
     opt = MeZO([p], lr=1.0)
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
-    assert math.isnan(float(opt.step(lambda: torch.tensor(float("inf")))))
+    losses = iter([float("inf"), 2.0])
+    assert math.isnan(float(opt.step(lambda: torch.tensor(next(losses)))))
     torch.testing.assert_close(p.detach(), torch.ones(3))
+    # the probes overflowed, not θ: recorded as such (step 1, both probe losses), and no step taken
+    assert opt.probe_overflow == {"step": 1, "loss_plus": float("inf"), "loss_minus": 2.0}
+    assert opt.param_groups[0]["step"] == 0
 
 
 def _ulp(x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +131,41 @@ def test_mezo_exact_restore_keeps_a_copy_in_the_memory_plan():
     assert states_per_parameter(compose_cfg("attack=mezo").attack.optimizer, 2) == 0
     exact = compose_cfg("attack=mezo", "attack.optimizer.exact_restore=true").attack.optimizer
     assert states_per_parameter(exact, 2) == 1
+
+
+@pytest.mark.parametrize("theta_broken", [False, True])
+def test_a_mezo_probe_overflow_is_its_own_stop_reason_not_a_dagger_of_theta(theta_broken, tiny_model, data,
+                                                                            monkeypatch):
+    """The loss at θ + εz of step 2 overflows: no step is taken, θ (restored; step 1's) is evaluated and
+    the run stops with a probe overflow as its reason. It is a † only if θ itself is broken."""
+    import attacks.relearn
+    from harness.train import lm_loss as real_loss
+    model, tokenizer = tiny_model
+    calls = []
+
+    def overflowing(model, batch):
+        calls.append(1)
+        loss = real_loss(model, batch)
+        return loss * float("inf") if len(calls) == 3 else loss  # step 2's first probe
+
+    monkeypatch.setattr(attacks.relearn, "lm_loss", overflowing)
+    fixed = FixedEvaluator()
+    start = fixed(model)
+    evaluator = (lambda m: {**fixed(m), "retain_ppl": 1e3}) if theta_broken else fixed
+    result = attack_for("mezo", "attack.steps=4", "attack.eval_every=2")(model, tokenizer, data, evaluator,
+                                                                       start=start, threshold=None)
+    assert result.steps == 1 and result.losses and len(result.losses) == 1
+    assert [p["step"] for p in result.trajectory] == [0, 1]
+    point = result.trajectory[-1]
+    assert point["loss"] is None and math.isinf(point["probe_losses"][0]) and math.isfinite(point["probe_losses"][1])
+    assert result.stop_reason.startswith("probe overflow: non-finite loss at θ ± εz")
+    assert "in step 2" in result.stop_reason
+    if theta_broken:
+        assert result.diverged and result.divergence_step == 1 and "retain perplexity" in result.divergence_reason
+        assert result.outcome["kind"] == "diverged"
+    else:
+        assert not result.diverged and result.divergence_reason is None
+        assert result.outcome == {"kind": "not_recovered", "step": 1, "hazard_acc": 0.4}
 
 
 def test_sgld_step_equals_sgd_plus_gaussian_noise_of_variance_2lr_over_t(tiny_model, data):
