@@ -4,7 +4,8 @@ The optimizers themselves are library classes named by `_target_` in `conf/attac
 (torch.optim.SGD / Adam / AdamW / Muon, pytorch_optimizer.SophiaH / AdaHessian); nothing here
 re-implements an update rule. What the runner must know of an optimizer before building it is read
 from its class: `forward_only` and `needs_double_backward` class attributes, and its optimizer state
-per parameter (`states_per_parameter`: a class attribute, else the STATES registry by class name).
+per parameter (`states_per_parameter`: a class attribute, or a static method of the optimizer's config
+node, else the STATES registry by class name).
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def states_per_parameter(node, default: int) -> int:
     """Optimizer state per trained parameter of the optimizer `node` configures (`default`: unknown)."""
     cls = optimizer_class(node)
     if cls is not None and hasattr(cls, "states_per_parameter"):
-        return int(cls.states_per_parameter)
+        states = cls.states_per_parameter  # a number, or a function of the node (e.g. MeZO's exact_restore)
+        return int(states(node) if callable(states) else states)
     name = cls.__name__ if cls is not None else str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
     if name == "SGD" and not (node or {}).get("momentum", 0):
         return 0  # plain SGD keeps no momentum buffer

@@ -251,6 +251,10 @@ class Relearn:
                 point = {"step": step, "loss": loss, **metrics, **split_accuracies(metrics, *tasks)}
                 if self.sharpness_every and step % self.sharpness_every == 0:
                     point.update(self.sharpness(model, probe, current_lr(optimizers)))
+            # dist=fsdp: forwards without a backward leave weights gathered (the root's; with
+            # reshard_after_forward=false every block's), which MeZO's next perturbation of the shards
+            # would not reach: its first loss would be that of θ with part of the model unperturbed
+            distributed.reshard(model)
             if on_eval:
                 on_eval(point)
             return point
@@ -263,6 +267,8 @@ class Relearn:
                 next(batches)
         else:
             trajectory, done_losses, start_step = [measure(0, None)], [], 0
+        stop: dict = {"reason": None}  # why the attack could not go on (a MeZO probe overflow)
+
         def first_loss() -> float | None:
             losses = done_losses + loop_losses
             return losses[0] if losses else None
@@ -299,11 +305,24 @@ class Relearn:
         loop.losses = done_losses + loop.losses
         if resumed:
             log.info("%s: continued from step %d", self.name, start_step)
-        if loop.nonfinite_step is not None:
+        overflow = probe_overflow(optimizers) if loop.nonfinite_step is not None else None
+        if overflow is not None:
+            # MeZO: L(θ ± εz) not finite, so no step was taken and θ (restored) is that of the last step taken,
+            # whose own loss was never computed: evaluated (unless it just was), a † only if θ itself broke
+            if trajectory[-1]["step"] != loop.steps:
+                trajectory.append(measure(loop.steps, None))
+            point = trajectory[-1]
+            point["probe_losses"] = [overflow["loss_plus"], overflow["loss_minus"]]
+            stop["reason"] = (f"probe overflow: non-finite loss at θ ± εz (L+ = {overflow['loss_plus']:.4g}, "
+                             f"L- = {overflow['loss_minus']:.4g}) in step {overflow['step']}; "
+                             "θ restored, no step taken")
+            log.info("%s: stopped after step %d (%s)", self.name, loop.steps, stop["reason"])
+        elif loop.nonfinite_step is not None:
             trajectory.append(measure(loop.nonfinite_step, float("nan")))
         set_mode(optimizers, "eval")  # the attacked model is the one that was evaluated
         checkpoint.clear()
         result = self.result(trajectory, start, threshold, loop, create_graph)
+        result.stop_reason = stop["reason"]
         result.extra["resumed_from_step"] = start_step if resumed else None
         return result
 
@@ -392,6 +411,12 @@ class Relearn:
         from specdef.hessian import sharpness  # lazy: only runs that log sharpness need it
         out = sharpness(model, batch, lr=lr, iters=self.sharpness_iters)
         return {"lambda_max": float(out["lambda_max"]), "two_over_lr": float(out["two_over_lr"])}
+
+
+def probe_overflow(optimizers) -> dict | None:
+    """The step a zeroth-order optimizer (MeZO) stopped at because its probe losses L(θ ± εz) were not
+    finite ({step, loss_plus, loss_minus}), or None: the loss at θ itself was never computed."""
+    return next((o.probe_overflow for o in optimizers if getattr(o, "probe_overflow", None)), None)
 
 
 def set_mode(optimizers, mode: str) -> None:

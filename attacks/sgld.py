@@ -2,9 +2,11 @@
 
     θ ← θ − lr · (∇L(θ) + weight_decay · θ) + sqrt(2 · lr / temperature) · ξ,   ξ ~ N(0, I)
 
-With the loop's mean per-token loss L, temperature T samples from exp(−T · L): T = 1 treats the
-batch mean as the negative log-posterior, T = n (the number of training texts) is the Bayesian
-posterior of the whole relearning set, and T → ∞ is plain SGD. lr is the scheduled lr of the
+The loop's loss L is a mean over the batch's tokens (harness.train.lm_loss), so temperature T samples
+from exp(−T · L) and counts tokens, not texts: T = 1 weighs the whole likelihood as one token's
+evidence, T = N (the number of loss-bearing tokens of the relearning set) is the Bayesian posterior of
+the whole set (flat prior, exp(−Σ token NLL)), T = n (its number of texts) is that posterior tempered
+by the mean text length (N / n tokens), and T → ∞ is plain SGD. lr is the scheduled lr of the
 parameter's group, so a schedule scales the noise with the step. ξ is drawn from (seed, step)
 (attacks.noise), so runs and resumed runs are reproducible. No well-kept torch library ships SGLD
 (pytorch_optimizer 4.1 has none), hence this small implementation behind torch's optimizer interface.

@@ -107,7 +107,8 @@ def print_summary(record: dict) -> None:
         lines.append(f"{name:{width}}  " + "  ".join(f"{m.get(k, float('nan')):>12.4f}" for k in keys))
     a = record["attack"]
     lines.append(f"attack={a['name']} lr={record['config']['lr']:g}: steps={a['steps']} "
-                 f"steps_to_recover={recovered_step(a['outcome'])} diverged={a['diverged']}")
+                 f"steps_to_recover={recovered_step(a['outcome'])} diverged={a['diverged']}"
+                 + (f" stopped: {a['stop_reason']}" if a.get("stop_reason") else ""))
     print("\n".join(lines), flush=True)
 
 

@@ -5,7 +5,7 @@
 the ranks costs more than the checks). Scenarios:
 - the pretrained tiny model with SpecDef in every block: evaluated, fine-tuned with Adam (sharded also
   with activation checkpointing), with LoRA, Muon, SGLD and MeZO (sharded also killed and resumed from a
-  checkpoint), unlearned with NPO (a reference model);
+  checkpoint, and MeZO evaluated between its steps), unlearned with NPO (a reference model);
 - the other training-based defenses (RMU, RepNoise, ELM, TAR) on the plain tiny model, as the pipeline
   runs them before SpecDef;
 - tiny random GPT-2 and Mixtral models with SpecDef's default layers (a Conv1D; an MoE experts module
@@ -47,6 +47,8 @@ DEFENSES = {
 }
 # SGLD and MeZO checkpointed (their step counters live in the param groups), and killed in between
 CHECKPOINTED = ["attack.eval_every=1", "attack.checkpoint_every=1"]
+# MeZO with evaluations (forward passes without a backward) between its steps
+EVALUATED = ["attack.eval_every=1"]
 # the whole pipeline, sharded: 12 attack steps, evaluated and checkpointed (sharded) every 4
 RUN = ["dist=fsdp", "attack.steps=12", "attack.eval_every=4", "attack.checkpoint_every=4", "eval.limit=20"]
 # tiny random models of the families whose SpecDef layers are not nn.Linear
@@ -68,6 +70,20 @@ class WeightsAtTheEnd:
     def __call__(self, model) -> dict:
         self.weights = whole_weights(model, trained_only=True)
         return {"hazard_acc": 0.0, "utility_acc": 0.0, "retain_ppl": 1.0}
+
+
+class ForwardThenWeights(WeightsAtTheEnd):
+    """An evaluator that runs a forward pass without a backward, as every evaluation does (this rank's
+    rows of a fixed batch), then keeps the whole weights."""
+
+    def __init__(self, batch: dict):
+        super().__init__()
+        self.batch = batch
+
+    def __call__(self, model) -> dict:
+        with torch.no_grad():
+            lm_loss(model, distributed.local_part(self.batch, next(model.parameters()).device))
+        return super().__call__(model)
 
 
 class Killed(Exception):
@@ -120,6 +136,12 @@ def killed_and_resumed(cfg, tiny_path, data, folder: Path) -> tuple[list[float],
         pass
     assert json.loads((folder / "meta.json").read_text())["step"] == 1
     return attack(cfg, tiny_path, data, checkpoint_dir=folder)
+
+
+def fixed_batch(tiny_path, data) -> dict:
+    """A batch of retain text, the same on every rank (each evaluates its own rows)."""
+    from harness.batches import batch_iterator
+    return next(batch_iterator(from_pretrained(tiny_path)[1], list(data.retain), 8, data.max_length, seed=5))
 
 
 def defend(cfg, tiny_path, data) -> tuple[list[float], dict]:
@@ -201,11 +223,15 @@ def scenarios(out: Path, *overrides: str) -> dict:
 
 
 def sharded_only(out: Path, keep, tiny_path, data, *overrides: str) -> None:
-    """SGLD and MeZO killed and resumed from a sharded checkpoint: each is compared with its plain
-    scenario, sharded and in one process."""
+    """SGLD and MeZO killed and resumed from a sharded checkpoint, MeZO evaluated between its steps:
+    each is compared with its plain scenario, sharded and in one process."""
     for name in ("sgld", "mezo"):
         cfg = compose_cfg(*ATTACK, *CHECKPOINTED, f"attack={name}", *overrides)
         keep(f"{name}_resumed", *killed_and_resumed(cfg, tiny_path, data, out / f"checkpoint_{name}"))
+    evaluated, batch = compose_cfg(*ATTACK, *EVALUATED, "attack=mezo", *overrides), fixed_batch(tiny_path, data)
+    keep("mezo_evaluated", *attack(evaluated, tiny_path, data, ForwardThenWeights(batch)))
+    distributed.setup(compose_cfg(*ATTACK, *overrides, "dist.reshard_after_forward=false"))
+    keep("mezo_evaluated_blocks_gathered", *attack(evaluated, tiny_path, data, ForwardThenWeights(batch)))
 
 
 def uninterrupted_run(out: Path) -> None:

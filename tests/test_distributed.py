@@ -97,6 +97,15 @@ def test_sgld_and_mezo_killed_and_resumed_from_a_sharded_checkpoint_train_like_o
     _like_plain_run(launch, name, plain)
 
 
+@pytest.mark.parametrize("name", ["mezo_evaluated", "mezo_evaluated_blocks_gathered"])
+def test_mezo_evaluated_between_its_steps_trains_sharded_like_one_process(launch, name):
+    """An evaluation is a forward pass without a backward: it leaves the root's weights gathered (with
+    dist.reshard_after_forward=false every block's), and MeZO's next perturbation of the shards did not
+    reach them (its estimate used θ + εz with the embeddings, final norm and head unperturbed). MeZO
+    evaluated after every step trains like MeZO evaluated only at the end."""
+    _like_plain_run(launch, name, "mezo")
+
+
 def test_muon_trains_sharded_like_one_process(launch, tiny_path):
     """Muon (scale=paper's third attack) on sharded matrices: torch's Muon orthogonalises each update in
     bfloat16, so rounding differences of the gradient become bfloat16 rounding of the update; the
