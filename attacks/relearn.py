@@ -74,7 +74,8 @@ RULES: list[Rule] = [
 def dagger_rule(dagger: dict | None) -> DaggerRule:
     """The `attack.dagger` config as a DaggerRule (its `rule` key is the rule's name)."""
     fields = dict(dagger or {})
-    unknown = set(fields) - {"rule"} - {f.name for f in dataclasses.fields(DaggerRule)} | ({"name"} & set(fields))
+    allowed = {"rule"} | {f.name for f in dataclasses.fields(DaggerRule)} - {"name"}
+    unknown = set(fields) - allowed
     if unknown:
         raise ConfigError(f"attack.dagger: unknown keys {sorted(unknown)}; allowed rule, ppl_factor, utility_fraction, "
                           "chance, loss_factor, legacy_factor")
@@ -400,9 +401,7 @@ class Relearn:
                             divergence_step=step, divergence_reason=reason, steps=loop.steps,
                             final=dict(trajectory[-1]), best_hazard_acc=best(trajectory, "hazard_acc"),
                             tokens_per_second=loop.tokens_per_second, train_seconds=loop.train_seconds,
-                            losses=loop.losses, extra=extra,
-                            recovery_rule=dataclasses.asdict(dataclasses.replace(
-                                self.rule, ppl_factor=self.intact_bound(self.dagger))),
+                            losses=loop.losses, extra=extra, recovery_rule=dataclasses.asdict(self.rule),
                             dagger_rule=dataclasses.asdict(self.dagger), outcome=outcome)
 
     def sharpness(self, model, batch: dict, lr: float) -> dict:
