@@ -93,7 +93,7 @@ def ship(name: str, overrides: Sequence[str], assets: Path, cache: Path | None, 
                              "pretrain_seconds", "final_loss", "cpu_capability", "threads")},
                          "rebuild": "python -m experiments.ship_tiny --models " + name})
     for old in assets.iterdir():  # this model's folders under other keys
-        if old.is_dir() and old.name != key and (old / "manifest.json").is_file() \
+        if old.is_dir() and old.name != key and not old.name.startswith(".") and (old / "manifest.json").is_file() \
                 and json.loads((old / "manifest.json").read_text()).get("model") == name:
             shutil.rmtree(old)
     shutil.rmtree(out, ignore_errors=True)
