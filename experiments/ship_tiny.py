@@ -34,12 +34,13 @@ from experiments.common import compose_config
 # (tests/conftest.py: naive_cfg, byline_cfg).
 MODELS = {"default": [], "naive": ["model.spec.exclude_splits=[1]"], "bylines": ["data.world.bylines=true"]}
 # The reproducible prefix that CI recomputes (tests/test_backbone.py): the recipe's first PREFIX_STEPS
-# steps, same schedule. 300 steps run every part of the recipe: the 100 warm-up steps, the cosine
-# decay after them, gradient clipping (the clipped norm is ~1 early on) and several epochs of the
-# seeded shuffle (an epoch is 14-31 steps); and any change of kernels or rounding changes the bits at
-# step 1 already, so a longer prefix catches nothing a shorter one misses. Under the scalar pin it costs
-# ~55 s at 1 thread on the 2-core AVX-512 machine (~0.18 s/step) and ~65 s on the AVX2 one
-# (pretraining 2,000 steps took ~7 min there), inside the 2 minutes the check may cost.
+# steps, same schedule. 300 steps run every part of the recipe's code: the 100 warm-up steps, the cosine
+# decay after them, gradient clipping and several epochs of the seeded shuffle (an epoch of the default
+# world's ~900 texts is 14 steps); a change of kernels or rounding changes the bits from the first step,
+# so a longer prefix would catch little a shorter one misses, and the other 1,700 steps run the same
+# code. Measured: 55 s at 1 thread on the 2-core AVX-512 EPYC (ship_tiny's own run, subprocess start
+# included); the AVX2 EPYC pretrained all 2,000 steps in ~7 min, so ~65 s there: inside the 2 minutes
+# the check may cost, with room for a slower machine.
 PREFIX_STEPS = 300
 
 
