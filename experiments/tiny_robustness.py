@@ -37,11 +37,12 @@ TARGET = 0.97
 def pretrain_one(cfg, data, seed: int, threads: int, capability: str) -> dict:
     """Pretrain one variant into a temporary folder and score it; `capability="pinned"` is the default path."""
     pinned = capability == "pinned"
-    spec = dataclasses.replace(tiny_spec(cfg.model), seed=seed, numerics="pinned" if pinned else "native")
+    pin = tiny_spec(cfg.model).numerics if pinned else "native"
+    spec = dataclasses.replace(tiny_spec(cfg.model), seed=seed, numerics=pin)
     world = synthetic.WorldConfig(**cfg.data.world)
     with tempfile.TemporaryDirectory(prefix="tiny_robustness_") as tmp:
         out = Path(tmp) / "model"
-        report = tiny._pretrain_in_subprocess(world, spec, data.root, out, pinned=pinned, progress=False,
+        report = tiny._pretrain_in_subprocess(world, spec, data.root, out, tiny.pin_of(spec), progress=False,
                                               threads=threads,
                                               extra_env=None if pinned else CAPABILITIES[capability])
         model, tokenizer = from_pretrained(out)

@@ -119,4 +119,11 @@ def provenance() -> dict:
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
     return {"git_sha": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "python": sys.version.split()[0], "platform": platform.platform(), "machine": machine(),
-            "packages": versions, "argv": redact(sys.argv)}
+            "packages": versions, "argv": redact(sys.argv), "numerics": _numerics()}
+
+
+def _numerics() -> dict:
+    """This process's kernels and the pin this machine would use (harness/numerics.py). Runs compute natively;
+    only the tiny model's pretraining runs under a pin (recorded in its cache manifest)."""
+    from harness import numerics
+    return numerics.describe()

@@ -3,16 +3,20 @@
 The weights must not depend on the machine. MKL and ATen pick different kernels on AVX2 and AVX-512
 CPUs, and 2,000 steps of training turn that rounding into a different model (0.90 vs 0.99 hazard
 accuracy with the first recipe). So pretraining runs in a subprocess whose numerics are pinned before
-torch loads (`PINNED_ENV`): MKL's SSE2 code path without approximate reciprocals, ATen's unvectorised
-kernels, a fixed thread count. Every x86-64 machine then computes the same bits (tests pin the
-checksum), at about 2x the time per step. Where that cannot hold (no MKL, not x86-64) the model is
-trained natively and the cache key says so; the recipe is chosen to land at >= 0.97 under any of
-these numerics (results/tiny_robustness.md).
+torch loads (harness/numerics.py, named by `TinySpec.numerics`): `scalar` (MKL's COMPATIBLE branch,
+ATen's unvectorised kernels; what the default model and every committed result were built with, ~2.3x
+native per step), `avx2` (MKL's and ATen's AVX2 kernels, about native speed, the same bits on AVX2 and
+AVX-512 CPUs), `machine` (avx2 where the CPU has it, else scalar) or `native`. Where a pin cannot hold
+(no MKL, not x86-64, no AVX2) the model is trained natively and the cache key says so.
 
 The cache folder is keyed by everything that determines the weights (world, tokenizer, architecture,
-training recipe and its source code, numerics, torch and transformers versions), written to a
-temporary folder and renamed into place, and carries a manifest of sha256 checksums so that a
-corrupted cache is detected and rebuilt rather than used (harness/manifest.py).
+training recipe and its source code, the pin actually used, torch and transformers versions), written
+to a temporary folder and renamed into place, and carries a manifest of sha256 checksums so that a
+corrupted cache is detected and rebuilt rather than used (harness/manifest.py). A model whose key has
+a folder under `assets/tiny/` (the default model and the tests' two others, shipped with the repository
+and rebuilt by `python -m experiments.ship_tiny`) is copied from there after its checksums are verified,
+instead of pretrained; a shipped file that fails them is refused, with one warning line, and the model
+is pretrained.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,7 +40,7 @@ from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from harness import synthetic
+from harness import numerics, synthetic
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
 from harness.manifest import verify_manifest, write_manifest
@@ -46,18 +49,14 @@ from harness.train import lm_loss, lr_lambda, train_loop
 log = logging.getLogger(__name__)
 TINY_VERSION = 2
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-NUMERICS = ("pinned", "native")
-# Threads of the pretraining process. Under pinned numerics the bits do not depend on it (1 and 2 threads
-# give the same weights: results/tiny_robustness), so the cache key leaves it out and a test session
-# may pretrain with 1 thread on each core (SPECDEF_PRETRAIN_THREADS=1, tests/conftest.py).
+NUMERICS = (*numerics.PINS, numerics.MACHINE)
+# Threads of the pretraining process. Under a pin the bits do not depend on it (1 and 2 threads give the
+# same weights under both pins), so the cache key leaves it out and a test session may pretrain with
+# 1 thread on each core (SPECDEF_PRETRAIN_THREADS=1, tests/conftest.py). The MKL and OpenMP thread
+# counts are fixed in the child because MKL's reproducibility is conditional on them.
 PRETRAIN_THREADS = int(os.environ.get("SPECDEF_PRETRAIN_THREADS", "2"))
-# Read by MKL and ATen when they initialise, hence set in a fresh process. MKL_CBWR=COMPATIBLE is the
-# one MKL branch documented to give the same results on Intel and non-Intel x86-64 CPUs; the MKL and
-# OpenMP thread counts are fixed because MKL's reproducibility is conditional on them.
-PINNED_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "MKL_DYNAMIC": "FALSE"}
-# Variables that would override or fight the pinned ones in the child.
-UNPINNED_VARS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "assets" / "tiny"   # shipped weights, one folder per cache key (experiments/ship_tiny.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ class TinySpec:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     exclude_splits: tuple[int, ...] = ()   # hazard splits left out of pretraining (for relearning tests)
-    numerics: str = "pinned"       # pinned: bit-identical on every x86-64 machine | native: this CPU's kernels
+    numerics: str = "scalar"       # a pin of harness/numerics.py (scalar, avx2, native) or machine
 
 
 def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -88,19 +87,14 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>", model_max_length=512)
 
 
-def numerics_id(numerics: str) -> str:
+def pin_of(spec: TinySpec) -> str:
+    """The pin `spec` pretrains under on this machine (`native` where the one it names cannot hold)."""
+    return numerics.resolve(spec.numerics, "model.spec.numerics")
+
+
+def numerics_id(spec: TinySpec) -> str:
     """What, besides the spec, decides the bits: the numerics actually used and the library versions."""
-    versions = f"torch={torch.__version__} transformers={metadata.version('transformers')}"
-    if numerics == "pinned" and pinned_numerics_available():
-        return f"pinned {json.dumps(PINNED_ENV, sort_keys=True)} {versions}"  # thread count: see PRETRAIN_THREADS
-    mkl = {k: os.environ[k] for k in UNPINNED_VARS if k in os.environ}
-    return (f"native {platform.machine()} {torch.backends.cpu.get_cpu_capability()} {json.dumps(mkl, sort_keys=True)} "
-            f"threads={PRETRAIN_THREADS} {versions}")
-
-
-def pinned_numerics_available() -> bool:
-    """MKL's COMPATIBLE branch exists only where torch uses MKL, on x86-64."""
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkl.is_available()
+    return numerics.numerics_id(pin_of(spec), PRETRAIN_THREADS)
 
 
 def recipe_digest() -> str:
@@ -118,8 +112,11 @@ def recipe_digest() -> str:
 
 
 def cache_key(world: synthetic.WorldConfig, spec: TinySpec) -> str:
+    # the pin resolved: `machine` and the pin it picks here are the same model; two pins never share a key
+    pin = pin_of(spec)
     blob = json.dumps({"tiny_version": TINY_VERSION, "world": world.key(), **dataclasses.asdict(spec),
-                       "numerics_id": numerics_id(spec.numerics), "recipe": recipe_digest()}, sort_keys=True)
+                       "numerics": pin, "numerics_id": numerics.numerics_id(pin, PRETRAIN_THREADS),
+                       "recipe": recipe_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -135,8 +132,10 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progress: bool = True):
-    """Train the tiny Llama on `pretraining_texts`."""
+def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progress: bool = True,
+             stop_after: int | None = None):
+    """Train the tiny Llama on `pretraining_texts`; `stop_after`: only the recipe's first steps (the same
+    schedule, cut short: the reproducible prefix that tests/test_backbone.py checks)."""
     torch.manual_seed(spec.seed)
     tokenizer = build_tokenizer(synthetic.vocabulary(world))
     model = LlamaForCausalLM(model_config(spec, tokenizer))
@@ -144,7 +143,7 @@ def pretrain(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, progr
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, spec.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", spec.warmup_steps, spec.steps))
     batches = batch_iterator(tokenizer, texts, spec.batch_size, spec.max_position_embeddings, spec.seed)
-    result = train_loop(model, batches, lm_loss, [opt], schedulers=[sched], steps=spec.steps,
+    result = train_loop(model, batches, lm_loss, [opt], schedulers=[sched], steps=stop_after or spec.steps,
                         max_grad_norm=spec.max_grad_norm, desc="pretrain tiny", progress=progress)
     log.info("pretrained tiny model: %d steps, final loss %.3f, %.0f s", result.steps, result.losses[-1],
              result.train_seconds)
@@ -183,12 +182,13 @@ def _read_texts(data_dir: Path, name: str) -> list[str]:
 
 def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, cache_dir: Path,
                 progress: bool = True, threads: int | None = None) -> Path:
-    """Path of the cached pretrained model, training it first (with `threads`, default
-    PRETRAIN_THREADS) if the cache is missing or corrupt. Processes that need the same model at once
-    (the jobs of a parallel sweep) train it once: the others wait on a file lock."""
+    """Path of the cached pretrained model: the cache if valid, else the shipped copy of this key if it
+    passes its checksums, else pretrained (with `threads`, default PRETRAIN_THREADS). Processes that
+    need the same model at once (the jobs of a parallel sweep) build it once: the others wait on a file lock."""
     if spec.numerics not in NUMERICS:
         raise ConfigError(f"model.spec.numerics={spec.numerics!r}: allowed {', '.join(NUMERICS)}")
-    folder = Path(cache_dir) / "tiny" / cache_key(world, spec)
+    key = cache_key(world, spec)
+    folder = Path(cache_dir) / "tiny" / key
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if folder.is_dir():
@@ -197,44 +197,75 @@ def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, ca
                 return folder
             log.warning("cached tiny model at %s is corrupt (%s); rebuilding", folder, problem)
             shutil.rmtree(folder)
-        _build(world, spec, Path(data_dir), folder, progress, threads or PRETRAIN_THREADS)
+        if not install_shipped(key, folder):
+            _build(world, spec, Path(data_dir), folder, progress, threads or PRETRAIN_THREADS)
     return folder
+
+
+def shipped_problem(src: Path) -> str | None:
+    """None if a shipped folder's files match its manifest and its weights their recorded digest."""
+    problem = verify_manifest(src)
+    if problem is None:
+        recorded = json.loads((src / "manifest.json").read_text()).get("weights_sha256")
+        if weights_digest(src) != recorded:
+            problem = "weights digest differs from the manifest's weights_sha256"
+    return problem
+
+
+def install_shipped(key: str, folder: Path, shipped: Path | None = None) -> bool:
+    """Copy the shipped model of `key` into the cache folder `folder` after verifying it; False if none is
+    shipped for this key or it fails its checksums (said in one warning line)."""
+    src = Path(shipped or SHIPPED) / key
+    if not src.is_dir():
+        return False
+    problem = shipped_problem(src)
+    if problem is not None:
+        log.warning("shipped tiny model %s refused (%s); pretraining it instead", src, problem)
+        return False
+    tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
+    shutil.copytree(src, tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["installed_from"] = f"assets/tiny/{key}"  # not a file: the checksums stay valid
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.rename(folder)
+    log.info("tiny model %s: shipped weights verified and copied into the cache", key)
+    return True
 
 
 def _build(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, folder: Path, progress: bool,
            threads: int) -> None:
-    pinned = spec.numerics == "pinned" and pinned_numerics_available()
-    if spec.numerics == "pinned" and not pinned:
-        log.warning("model.spec.numerics=pinned needs an x86-64 CPU and torch with MKL (here: %s); pretraining "
-                    "with this machine's numerics, so the weights differ from the reference checksum",
-                    platform.machine())
-    log.info("pretraining the tiny model (one-off, %s numerics, cached at %s)", "pinned" if pinned else "native",
-             folder)
+    pin = pin_of(spec)
+    if spec.numerics != "native" and pin == "native":
+        log.warning("model.spec.numerics=%s cannot hold here (%s); pretraining with this machine's numerics, "
+                    "so the weights are this machine's own", spec.numerics,
+                    numerics.why_unavailable(numerics.machine_pin() if spec.numerics == numerics.MACHINE
+                                             else spec.numerics) or "no pin available")
+    log.info("pretraining the tiny model (one-off, %s numerics, cached at %s)", pin, folder)
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
     t0 = time.perf_counter()
-    report = _pretrain_in_subprocess(world, spec, data_dir, tmp, pinned, progress, threads)
-    write_manifest(tmp, {"world": dataclasses.asdict(world), "spec": dataclasses.asdict(spec),
-                         "numerics_id": numerics_id(spec.numerics), "weights_sha256": weights_digest(tmp),
+    report = _pretrain_in_subprocess(world, spec, data_dir, tmp, pin, progress, threads)
+    write_manifest(tmp, {"world": dataclasses.asdict(world), "spec": dataclasses.asdict(spec), "numerics": pin,
+                         "numerics_id": numerics_id(spec), "recipe": recipe_digest(),
+                         "weights_sha256": weights_digest(tmp),
                          "pretrain_seconds": round(time.perf_counter() - t0, 1), **report})
     tmp.rename(folder)
 
 
 def _pretrain_in_subprocess(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, out: Path,
-                            pinned: bool, progress: bool, threads: int = PRETRAIN_THREADS,
-                            extra_env: dict | None = None) -> dict:
-    """Pretrain in a fresh interpreter whose numerics are set before torch loads; returns its report.
-    `threads` and `extra_env` (e.g. an emulated CPU capability) are for experiments/tiny_robustness.py."""
-    env = {k: v for k, v in os.environ.items() if not (pinned and k in UNPINNED_VARS)}
-    env.update(extra_env or {})
-    env.update(PINNED_ENV if pinned else {})
+                            pin: str, progress: bool, threads: int = PRETRAIN_THREADS,
+                            extra_env: dict | None = None, stop_after: int | None = None) -> dict:
+    """Pretrain in a fresh interpreter whose numerics are set (`pin`, harness/numerics.py) before torch
+    loads; returns its report. `stop_after`: only the recipe's first steps. `threads` and `extra_env`
+    (e.g. an emulated CPU capability, under pin `native`) are for experiments/tiny_robustness.py."""
+    env = numerics.child_env(pin, {**os.environ, **(extra_env or {})})
     # MKL's reproducibility is conditional on a fixed thread count: fix it before MKL loads
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     args = [sys.executable, "-m", "harness.tiny", "--world", json.dumps(dataclasses.asdict(world)),
             "--spec", json.dumps(dataclasses.asdict(spec)), "--data-dir", str(data_dir), "--out", str(out),
-            "--threads", str(threads)]
-    if pinned:
-        args.append("--expect-pinned")
+            "--threads", str(threads), "--pin", pin]
+    if stop_after:
+        args += ["--stop-after", str(stop_after)]
     if progress:
         args.append("--progress")
     with subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -266,17 +297,19 @@ def _main(argv: list[str] | None = None) -> None:
     for flag in ("--world", "--spec", "--data-dir", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--threads", type=int, default=PRETRAIN_THREADS)
-    parser.add_argument("--expect-pinned", action="store_true")
+    parser.add_argument("--pin", default="native", choices=list(numerics.PINS))
+    parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     a = parser.parse_args(argv)
     torch.set_num_threads(a.threads)
     capability = torch.backends.cpu.get_cpu_capability()
-    if a.expect_pinned and capability != "DEFAULT":
-        raise SystemExit(f"pinned numerics did not take effect: ATen runs {capability} kernels")
+    problem = numerics.in_effect(a.pin)
+    if problem:
+        raise SystemExit(problem)
     spec = json.loads(a.spec)
     world = synthetic.WorldConfig(**json.loads(a.world))
     spec = TinySpec(**{**spec, "exclude_splits": tuple(spec["exclude_splits"])})
-    model, tokenizer, result = pretrain(world, spec, Path(a.data_dir), progress=a.progress)
+    model, tokenizer, result = pretrain(world, spec, Path(a.data_dir), progress=a.progress, stop_after=a.stop_after)
     model.save_pretrained(a.out, safe_serialization=True)
     tokenizer.save_pretrained(a.out)
     print(json.dumps({"final_loss": result.losses[-1], "train_seconds": round(result.train_seconds, 1),

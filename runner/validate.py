@@ -12,7 +12,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness import hooks
+from harness import hooks, numerics
 from harness.distributed import check_rows_per_rank, launched_world_size
 from harness.errors import ConfigError
 from harness.models import DTYPES
@@ -35,6 +35,8 @@ RULES: list[Rule] = [
     ("attack.recover_threshold", unit_interval_or_none, "null or a number in [0, 1]"),  # every attack has one
     ("data.world.bylines", boolean, "true or false"),
     ("data.world.documents", non_negative_int, "an integer >= 0 (0: one line per sentence)"),
+    ("model.spec.numerics", one_of(*numerics.PINS, numerics.MACHINE),
+     f"one of {', '.join([*numerics.PINS, numerics.MACHINE])}"),
     ("eval.limit", or_none(positive_int), "null or an integer >= 1"),
     ("eval.batch_size", positive_int, "an integer >= 1"),
     ("plan", boolean, "true or false"),
@@ -97,6 +99,8 @@ def validate(cfg: DictConfig) -> None:
     if objective is not MISSING and objective is not None:
         check_objective(objective)
     _check_model_path(cfg)
+    if get(cfg, "model.spec.numerics") == numerics.MACHINE:
+        numerics.machine_pin()  # SPECDEF_NUMERICS, if set, must name a pin that holds here
     hooks.check_config(cfg, get(cfg, "attack"), "attack")
     _check_writable(cfg)
     _check_dist(cfg)

@@ -102,24 +102,37 @@ def naive_model_path(data) -> Path:
 EXTRA_MODELS = {"naive_model_path": naive_cfg, "byline_tiny_path": byline_cfg}
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: see only the tests that will run
 def pytest_collection_modifyitems(session, config, items):
-    """Pretrain every tiny model the selected tests need in a background thread, from the start of the
-    session: the default one first on both cores (the first tests wait for it on its cache lock),
-    then the others side by side, one thread each, while the tests run. Tests that need those run
-    last, so they rarely wait."""
+    """Get every tiny model the selected tests need, and only those, in a background thread from the start
+    of the session: the default one first (the first tests wait for it on its cache lock), then the
+    others side by side. With shipped weights (assets/tiny) each is a verified copy, seconds; a changed
+    recipe pretrains, one thread each, while the tests run. Tests that need the others run last."""
     if config.option.collectonly or not items:
         return
     uses = lambda item, name: name in getattr(item, "fixturenames", ())
     needed = [name for name in EXTRA_MODELS if any(uses(item, name) for item in items)]
     items.sort(key=lambda item: [uses(item, name) for name in EXTRA_MODELS][::-1])  # stable: byline users last
-    cfgs = [compose_cfg()] + [EXTRA_MODELS[name]() for name in needed]  # compose() is not thread-safe
-    threading.Thread(target=_pretrain_all, args=(cfgs,), name="pretrain-tiny", daemon=True).start()
+    default = any(uses(item, "tiny_path") for item in items)
+    cfgs = ([compose_cfg()] if default else []) + [EXTRA_MODELS[name]() for name in needed]  # compose(): not thread-safe
+    if cfgs:
+        threading.Thread(target=_pretrain_all, args=(cfgs, default), name="pretrain-tiny", daemon=True).start()
 
 
-def _pretrain_all(cfgs) -> None:
-    _ensure(cfgs[0])
-    for cfg in cfgs[1:]:  # side by side: one after the other they outlast the rest of the suite
-        threading.Thread(target=_ensure, args=(cfg, 1), name="pretrain-tiny-extra", daemon=True).start()
+def _pretrain_all(cfgs, default_first: bool) -> None:
+    if default_first:
+        _quietly(cfgs[0])
+    for cfg in cfgs[1:] if default_first else cfgs:  # side by side: one after the other they outlast the suite
+        threading.Thread(target=_quietly, args=(cfg, 1), name="pretrain-tiny-extra", daemon=True).start()
+
+
+def _quietly(cfg, threads: int | None = None) -> None:
+    """Build ahead of the tests; a failure (or the pretraining killed at exit when no test waited for it)
+    is not reported here: the fixture that needs the model builds it again and fails in its test."""
+    try:
+        _ensure(cfg, threads)
+    except BaseException:  # noqa: BLE001 - see the docstring
+        pass
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from harness import synthetic, tiny
+from harness import numerics, synthetic, tiny
 from harness.errors import ConfigError
 from harness.manifest import verify_manifest
 from harness.models import from_pretrained, tiny_spec
@@ -127,29 +127,108 @@ def test_cache_key_changes_with_what_determines_the_weights(monkeypatch):
     assert base != tiny.cache_key(synthetic.WorldConfig(seed=1), tiny.TinySpec())
     assert base != tiny.cache_key(world, tiny.TinySpec(numerics="native"))
     assert base != tiny.cache_key(world, tiny.TinySpec(max_grad_norm=None))
+    if numerics.available("avx2"):  # a model built under another pin is never mixed with this one
+        assert base != tiny.cache_key(world, tiny.TinySpec(numerics="avx2"))
+    # `machine` is the pin it picks here: the same model, the same key
+    machine = tiny.cache_key(world, tiny.TinySpec(numerics="machine"))
+    assert machine == tiny.cache_key(world, tiny.TinySpec(numerics=numerics.machine_pin()))
+    monkeypatch.setenv("SPECDEF_NUMERICS", "scalar")
+    assert tiny.cache_key(world, tiny.TinySpec(numerics="machine")) == base
     monkeypatch.setattr(tiny, "recipe_digest", lambda: "edited code")
     assert base != tiny.cache_key(world, tiny.TinySpec())
 
 
-# The default tiny model's weights as pretrained under pinned numerics (harness/tiny.py) with the
-# locked torch and transformers (constraints.txt): every x86-64 machine must produce these bits.
-REFERENCE_WEIGHTS = {"torch": "2.13.0+cpu", "transformers": "5.23.0",
-                     "sha256": "1d903a2bf51df16973dc37dd77d8827266396ae72568f83db90031b805ba37c5"}
+# Every committed result (results/, the README's tables) was produced from the default tiny model with
+# these weights, pretrained under the scalar pin with the locked torch 2.13.0+cpu and transformers 5.23.0
+# (constraints.txt). Shipping a default model with other bits means regenerating results/.
+RESULTS_WEIGHTS = "1d903a2bf51df16973dc37dd77d8827266396ae72568f83db90031b805ba37c5"
 
 
-def test_pinned_pretraining_gives_the_reference_weights(tiny_path):
+def _shipped_default(base_cfg) -> Path:
+    """The shipped folder of the default model's cache key, or skip where none can match this machine."""
     import transformers
-    manifest = json.loads((tiny_path / "manifest.json").read_text())
-    if not tiny.pinned_numerics_available():
-        pytest.skip("pinned numerics need an x86-64 CPU and torch with MKL")
     if any(o.startswith(("model.", "data.")) for o in TEST_OVERRIDES):
         pytest.skip(f"another tiny model is under test (SPECDEF_TEST_OVERRIDES={' '.join(TEST_OVERRIDES)})")
-    if (torch.__version__, transformers.__version__) != (REFERENCE_WEIGHTS["torch"], REFERENCE_WEIGHTS["transformers"]):
-        pytest.skip(f"the reference was recorded with torch {REFERENCE_WEIGHTS['torch']} and transformers "
-                    f"{REFERENCE_WEIGHTS['transformers']} (constraints.txt); here {torch.__version__} / "
+    spec = tiny_spec(base_cfg.model)
+    if tiny.pin_of(spec) == "native":
+        pytest.skip(f"the {spec.numerics} pin cannot hold here ({numerics.why_unavailable(spec.numerics)})")
+    shipped = [json.loads(m.read_text()) for m in sorted(tiny.SHIPPED.glob("*/manifest.json"))]
+    default = [m for m in shipped if m.get("model") == "default"]
+    assert default, "no default model under assets/tiny: run python -m experiments.ship_tiny"
+    if (torch.__version__, transformers.__version__) != (default[0]["torch"], default[0]["transformers"]):
+        pytest.skip(f"the shipped weights were built with torch {default[0]['torch']} and transformers "
+                    f"{default[0]['transformers']} (constraints.txt); here {torch.__version__} / "
                     f"{transformers.__version__}")
-    assert manifest["cpu_capability"] == "DEFAULT"
-    assert tiny.weights_digest(tiny_path) == manifest["weights_sha256"] == REFERENCE_WEIGHTS["sha256"]
+    key = tiny.cache_key(synthetic.WorldConfig(**base_cfg.data.world), spec)
+    folder = tiny.SHIPPED / key
+    assert folder.is_dir(), (f"the default model's recipe changed (cache key {key}, shipped "
+                             f"{[m['cache_key'] for m in default]}): run python -m experiments.ship_tiny")
+    return folder
+
+
+def test_shipped_default_model_is_verified_and_is_the_results_model(base_cfg):
+    folder = _shipped_default(base_cfg)
+    assert tiny.shipped_problem(folder) is None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == tiny.weights_digest(folder) == RESULTS_WEIGHTS
+    assert manifest["recipe"] == tiny.recipe_digest() and manifest["numerics"] == "scalar"
+    assert (folder / "model.safetensors").stat().st_size < 4e6
+
+
+def test_code_reproduces_the_shipped_weights_prefix(base_cfg, data):
+    """CI's proof that the code still builds the shipped bits: the recipe's first steps under the pin
+    (the prefix length is justified in experiments/ship_tiny.py) give the prefix digest recorded when
+    the shipped model was pretrained in full from code. < 2 min on a 2-core machine."""
+    from experiments.ship_tiny import prefix_digest
+    folder = _shipped_default(base_cfg)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    world, spec = synthetic.WorldConfig(**base_cfg.data.world), tiny_spec(base_cfg.model)
+    got = prefix_digest(world, spec, data.root, steps=manifest["prefix"]["steps"], threads=1)
+    assert got["weights_sha256"] == manifest["prefix"]["weights_sha256"], got
+
+
+def test_a_pretrained_cache_has_the_shipped_bits(tiny_path, base_cfg):
+    """Where this cache pretrained the default model rather than copying it, the full run reproduced
+    the shipped weights (on CI the copy is what happens, and the prefix test is the proof)."""
+    manifest = json.loads((tiny_path / "manifest.json").read_text())
+    folder = _shipped_default(base_cfg)
+    if "installed_from" not in manifest:
+        assert manifest["weights_sha256"] == json.loads((folder / "manifest.json").read_text())["weights_sha256"]
+    assert tiny.weights_digest(tiny_path) == RESULTS_WEIGHTS
+
+
+def test_shipped_weights_are_installed_without_pretraining(base_cfg, data, tmp_path, monkeypatch):
+    folder = _shipped_default(base_cfg)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrained although verified weights are shipped")
+    monkeypatch.setattr(tiny, "_pretrain_in_subprocess", no_training)
+    path = tiny.ensure_tiny(synthetic.WorldConfig(**base_cfg.data.world), tiny_spec(base_cfg.model), data.root,
+                            tmp_path / "cache")
+    assert path.name == folder.name and verify_manifest(path) is None
+    assert tiny.weights_digest(path) == RESULTS_WEIGHTS
+    assert json.loads((path / "manifest.json").read_text())["installed_from"] == f"assets/tiny/{folder.name}"
+
+
+def test_corrupted_shipped_weights_are_refused_and_pretrained(base_cfg, data, tmp_path, monkeypatch, caplog):
+    folder = _shipped_default(base_cfg)
+    assets = tmp_path / "assets"
+    shutil.copytree(folder, assets / folder.name)
+    weights = assets / folder.name / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    monkeypatch.setattr(tiny, "SHIPPED", assets)
+    built = []
+    monkeypatch.setattr(tiny, "_build", lambda world, spec, data_dir, out, *a: (built.append(out), out.mkdir()))
+    with caplog.at_level("WARNING", logger="harness.tiny"):
+        path = tiny.ensure_tiny(synthetic.WorldConfig(**base_cfg.data.world), tiny_spec(base_cfg.model), data.root,
+                                tmp_path / "cache")
+    assert built == [path]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "refused (checksum mismatch in model.safetensors); pretraining it instead" \
+        in warnings[0], warnings
+    assert "\n" not in warnings[0]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -162,6 +241,7 @@ def test_pinned_pretraining_gives_the_reference_weights(tiny_path):
     ("attack.recover_threshold=1.5", "attack.recover_threshold=1.5: allowed null or a number in [0, 1]"),
     ("attack.data.splits=[5]", "attack.data.splits=[5]: allowed hazard split indices 0..1"),
     ("attack.data.source=wiki", "attack.data.source='wiki': allowed forget, questions, retain or unrelated"),
+    ("model.spec.numerics=pinned", "model.spec.numerics='pinned': allowed one of avx2, scalar, native, machine"),
 ])
 def test_bad_values_are_rejected_with_one_line(override, message):
     with pytest.raises(ConfigError) as err:
