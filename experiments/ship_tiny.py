@@ -6,6 +6,10 @@ with a checksum manifest.
     python -m experiments.ship_tiny --models default    # one of them
     python -m experiments.ship_tiny --use-cache         # take a model already pretrained from code in the
                                                         # cache (never one copied from assets/) instead
+    python -m experiments.ship_tiny --rekey             # after a change to the recipe's code that should not
+                                                        # change the weights: re-derive each prefix from code
+                                                        # and, where it still matches, move the folder to
+                                                        # the new cache key (minutes, not a pretraining)
 
 Run it when a change to the recipe (the cache key) leaves a model without a shipped folder; `git add
 assets/tiny`. The models are ~2.9 MB each. A model's old folders (other keys) are removed.
@@ -102,17 +106,49 @@ def ship(name: str, overrides: Sequence[str], assets: Path, cache: Path | None, 
     return out
 
 
+def rekey(name: str, overrides: Sequence[str], assets: Path, threads: int) -> Path:
+    """Move a shipped model to the cache key of the code as it is now, if that code still reproduces the
+    shipped prefix (then the weights it would build are the shipped ones, by the prefix argument above);
+    otherwise stop and say to rebuild it."""
+    cfg = compose_config(overrides)
+    world, spec = synthetic.WorldConfig(**cfg.data.world), tiny_spec(cfg.model)
+    data = synthetic_data(world, Path(cfg.paths.cache_dir).expanduser(), cfg.data.max_length)
+    key = tiny.cache_key(world, spec)
+    olds = [f for f in assets.iterdir() if f.is_dir() and (f / "manifest.json").is_file()
+            and json.loads((f / "manifest.json").read_text()).get("model") == name]
+    if len(olds) != 1:
+        raise SystemExit(f"{name}: {len(olds)} shipped folders; rebuild it: python -m experiments.ship_tiny --models {name}")
+    old = olds[0]
+    manifest = json.loads((old / "manifest.json").read_text())
+    prefix = prefix_digest(world, spec, data.root, steps=manifest["prefix"]["steps"], threads=threads)
+    if prefix["weights_sha256"] != manifest["prefix"]["weights_sha256"]:
+        raise SystemExit(f"{name}: this code's first {prefix['steps']} steps differ from the shipped model's: its "
+                         f"weights would change; rebuild it: python -m experiments.ship_tiny --models {name}")
+    manifest.pop("files")
+    manifest.update({"cache_key": key, "recipe": tiny.recipe_digest(), "numerics_id": tiny.numerics_id(spec),
+                     "rekeyed_from": {"cache_key": old.name, "recipe": manifest["recipe"]}})
+    write_manifest(old, manifest)
+    if old.name != key:
+        old.rename(assets / key)
+    return assets / key
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--use-cache", action="store_true", help="reuse a model pretrained from code in SPECDEF_CACHE")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--assets", type=Path, default=tiny.SHIPPED)
+    parser.add_argument("--rekey", action="store_true",
+                        help="move each shipped model to this code's cache key if its prefix still reproduces")
     a = parser.parse_args(argv)
     a.assets.mkdir(parents=True, exist_ok=True)
     cache = Path(compose_config().paths.cache_dir).expanduser() if a.use_cache else None
     print(f"numerics here: {json.dumps(numerics.describe())}", flush=True)
     for name in a.models:
+        if a.rekey:
+            print(f"{name}: {rekey(name, MODELS[name], a.assets, a.threads)} (prefix reproduced, re-keyed)", flush=True)
+            continue
         out = ship(name, MODELS[name], a.assets, cache, a.threads)
         m = json.loads((out / "manifest.json").read_text())
         print(f"{name}: {out.relative_to(tiny.REPO) if out.is_relative_to(tiny.REPO) else out}  weights "
