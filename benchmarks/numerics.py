@@ -2,7 +2,7 @@
 side in one run, and the first `python run.py` on a clean cache (shipped weights).
 
     python -m benchmarks.numerics                  # ms/step and weights hash per pin (~3 min on 2 cores)
-    python -m benchmarks.numerics --run            # and the time of `python run.py` on a clean cache
+    python -m benchmarks.numerics --run            # and `python run.py` (and threads=1) on a clean cache
     python -m benchmarks.numerics --steps 50 --rounds 1
 
 Each variant runs the recipe's first `--steps` steps (harness/tiny.py, `stop_after`) in its own
@@ -74,18 +74,22 @@ def time_pins(steps: int, rounds: int, threads: int) -> list[dict]:
     return rows
 
 
-def time_first_run() -> dict:
+def time_first_run(*overrides: str) -> dict:
     """`python run.py` on an empty cache (the tiny model copied from assets/tiny), wall time to the table."""
     with tempfile.TemporaryDirectory(prefix="bench_first_run_") as tmp:
-        env = {**os.environ, "SPECDEF_CACHE": str(Path(tmp) / "cache"), "WANDB_MODE": "offline",
+        # a fresh clone: no cache and no record store (a stored record of the same config would be reused)
+        env = {**os.environ, "SPECDEF_CACHE": str(Path(tmp) / "cache"), "SPECDEF_OUTPUTS": str(Path(tmp) / "outputs"),
+               "WANDB_MODE": "offline",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp}/out"], cwd=REPO, env=env,
+        out = subprocess.run([sys.executable, "run.py", *overrides], cwd=REPO, env=env,
                              capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         pretrained = "pretraining the tiny model" in out.stderr + out.stdout
     if out.returncode != 0:
         raise SystemExit(f"python run.py failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    if "exists; skipping it" in out.stderr + out.stdout:
+        raise SystemExit("python run.py reused a stored record: the timing is not a first run")
     return {"seconds": round(seconds, 1), "pretrained": pretrained, "table": out.stdout.strip().splitlines()[-6:]}
 
 
@@ -105,10 +109,13 @@ def main(argv=None) -> None:
             print(f"  {row['variant']:<24} {row['ATen kernels']:<8} {row['ms/step']:>7.1f} ms/step  "
                   f"{row['x native']:.2f}x native  weights {row['weights']}")
     if a.run:
-        first = time_first_run()
-        print(f"python run.py on a clean cache: {first['seconds']} s "
-              f"({'pretrained the tiny model' if first['pretrained'] else 'shipped weights, no pretraining'})")
-        print("\n".join("  " + line for line in first["table"]))
+        # the default thread count (all cores) and one thread: on a busy machine OpenMP's spin-waits
+        # make two-thread ops of the tiny model several times slower than one thread
+        for overrides in ([], ["threads=1"]):
+            first = time_first_run(*overrides)
+            print(f"{' '.join(['python run.py', *overrides])} on a clean cache: {first['seconds']} s "
+                  f"({'pretrained the tiny model' if first['pretrained'] else 'shipped weights, no pretraining'})")
+            print("\n".join("  " + line for line in first["table"][-5:]))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ to a fresh subprocess (`child_env`), never to the running interpreter.
   threads, at 180 ms/step against 163 native; on the AVX2 machine it costs nothing (477 vs 481 ms).
   `benchmarks/numerics.py` re-measures it.
 - `scalar`: ATen's unvectorised kernels and MKL's COMPATIBLE branch, the one MKL branch documented to
-  give the same results on Intel and non-Intel x86-64 CPUs. Needs no AVX2, costs ~2.3x native per step.
+  give the same results on Intel and non-Intel x86-64 CPUs. Needs no AVX2, costs ~2x native per step.
   The default tiny model was pretrained under it (every committed result was produced from those bits).
 - `native`: nothing pinned; the bits depend on the CPU (and the thread count).
 

@@ -4,7 +4,7 @@ The weights must not depend on the machine. MKL and ATen pick different kernels 
 CPUs, and 2,000 steps of training turn that rounding into a different model (0.90 vs 0.99 hazard
 accuracy with the first recipe). So pretraining runs in a subprocess whose numerics are pinned before
 torch loads (harness/numerics.py, named by `TinySpec.numerics`): `scalar` (MKL's COMPATIBLE branch,
-ATen's unvectorised kernels; what the default model and every committed result were built with, ~2.3x
+ATen's unvectorised kernels; what the default model and every committed result were built with, ~2x
 native per step), `avx2` (MKL's and ATen's AVX2 kernels, about native speed, the same bits on AVX2 and
 AVX-512 CPUs), `machine` (avx2 where the CPU has it, else scalar) or `native`. Where a pin cannot hold
 (no MKL, not x86-64, no AVX2) the model is trained natively and the cache key says so.
