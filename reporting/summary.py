@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     frame = with_knowledge(pd.read_csv(args.table1 / "summary.csv", keep_default_na=False),
                            pd.read_csv(args.heldout / "heldout.csv", keep_default_na=False))
     note = (f"_{COLUMN}: relearning one hazard split with Adam (experiment=heldout), held-out gain / relearned "
-            f"gain ≥ {HIDDEN_RATIO} is hidden (the split never trained on comes back too), below it removed "
-            f"([held-out table](heldout_tiny/tables.md)). Sources: {args.table1.name}/summary.csv, "
-            f"{args.heldout.name}/heldout.csv._")
+            f"gain ≥ {HIDDEN_RATIO} is hidden (the split never trained on comes back too), below it removed. "
+            f"Sources: `results/{args.table1.name}/summary.csv`, `results/{args.heldout.name}/heldout.csv` "
+            "(a page that embeds this table links them itself)._")
     frame.to_csv(args.out.with_suffix(".csv"), index=False)
     args.out.with_suffix(".md").write_text(markdown_report({"summary": frame}) + note + "\n")
     print(f"wrote {args.out.with_suffix('.md')}")
