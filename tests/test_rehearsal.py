@@ -187,7 +187,8 @@ def test_report_of_the_rehearsal(rehearsal):
     assert {"Δ mmlu", "Δ hellaswag (norm)", "Δ winogrande", "Δ wmdp_bio", "Δ retain ppl"} <= set(utility), utility
     # the held-out run's row: relearned / held-out accuracy at the start and at best
     [header, row] = read_csv(out / "heldout.csv")
-    assert header == ["defense", "optimizer", "start", "lr=1e-5"] and row[:2] == ["none", "adam"]
+    assert header == ["defense", "optimizer", "start", "lr=1e-5", "held-out / relearned gain", "knowledge"]
+    assert row[:2] == ["none", "adam"] and row[4:] == ["—", "—"]  # the undefended model removed nothing
     extra = runs["heldout"]["attack"]["extra"]
     assert row[3] == f"{extra['best_relearned_acc']:.3f} / {extra['best_heldout_acc']:.3f}"
 
