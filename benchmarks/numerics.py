@@ -26,22 +26,13 @@ from pathlib import Path
 from harness import numerics, synthetic, tiny
 from harness.data import synthetic_data
 from harness.models import tiny_spec
+from harness.record import cpu_name
 from experiments.common import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 # (label, pin, extra environment under the native pin)
 VARIANTS = [("native", "native", {}), ("avx2 pin", "avx2", {}), ("scalar pin", "scalar", {}),
             ("emulated avx2 (native)", "native", {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"})]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def time_pins(steps: int, rounds: int, threads: int) -> list[dict]:
