@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from experiments.common import CONF_DIR, RESULTS_DIR, compose_config, script_command, write_table
+from experiments.common import CONF_DIR, REPO, RESULTS_DIR, compose_config, run_sweep, script_command, write_table
 from reporting.tables import _get, load_records
 
-REPO = Path(__file__).resolve().parents[1]
 RULES = CONF_DIR / "calibration" / "baselines.yaml"
 
 
 def sweep(method: str, key: str, grid: list[float], folder: Path, extra: list[str]) -> None:
     values = ",".join(repr(float(v)) for v in grid)
-    command = [sys.executable, "run.py", "-m", f"defense={method}", "attack=none", f"defense.{key}={values}",
-               "threads=1", f"hydra.sweep.dir={folder.resolve()}", *extra]
-    subprocess.run(command, cwd=REPO, check=True, env=os.environ.copy())
+    run_sweep(folder, [f"defense={method}", "attack=none", f"defense.{key}={values}", "threads=1", *extra])
 
 
 def rows_of(method: str, key: str, folder: Path) -> list[dict]:

@@ -4,6 +4,7 @@ written as CSV + Markdown with its provenance."""
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -15,13 +16,21 @@ from harness import synthetic, tiny
 from harness.data import Data, load_data
 from harness.models import tiny_spec
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+RESULTS_DIR = REPO / "results"
 
 
 def script_command(module: str, argv: Sequence[str] | None) -> str:
     """The command line that ran `python -m <module>` with `argv` (None: this process's)."""
     return " ".join(["python -m", module, shlex.join(sys.argv[1:] if argv is None else argv)]).rstrip()
+
+
+def run_sweep(folder: Path, overrides: Sequence[str]) -> None:
+    """`python run.py -m <overrides>` into the sweep folder `folder` (runs already complete there are
+    reused: the sweep resumes); stops the script if the sweep fails."""
+    command = [sys.executable, "run.py", "-m", *overrides, f"hydra.sweep.dir={Path(folder).resolve()}"]
+    subprocess.run(command, cwd=REPO, check=True)
 
 
 def compose_config(overrides: Sequence[str] = (), return_hydra_config: bool = False):

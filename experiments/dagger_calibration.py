@@ -17,26 +17,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from experiments.common import RESULTS_DIR, compose_config, script_command, write_table
+from experiments.common import REPO, RESULTS_DIR, compose_config, run_sweep, script_command, write_table
 from reporting.tables import _get, load_records
 
-REPO = Path(__file__).resolve().parents[1]
 LOWER_HALF = (0, 1)   # table1.lr_rank values the factor is calibrated on
 MARGIN = 2.0
 
 
-def run_sweep(sweep: Path, overrides: list[str]) -> None:
-    """Table 1's undefended row into `sweep` (runs already complete there are kept: the sweep resumes)."""
-    command = [sys.executable, "run.py", "-m", "experiment=table1", "defense=none", "attack.dagger.ppl_factor=1e9",
-               f"hydra.sweep.dir={sweep.resolve()}", *overrides]
-    subprocess.run(command, cwd=REPO, check=True, env=os.environ.copy())
+# Table 1's undefended row, the perplexity part of the broken rule off so that no run stops on it
+SWEEP = ["experiment=table1", "defense=none", "attack.dagger.ppl_factor=1e9"]
 
 
 def run_row(record: dict) -> dict:
@@ -78,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "dagger_calibration")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides of the sweep")
     args = parser.parse_args(argv)
-    run_sweep(args.sweep, args.overrides)
+    run_sweep(args.sweep, [*SWEEP, *args.overrides])
     df = pd.DataFrame([run_row(r) for _, r in load_records(args.sweep)])
     df = df.sort_values(["optimizer", "lr_rank"]).reset_index(drop=True)
     factor = calibrated_factor(df)
