@@ -45,6 +45,7 @@ ENV_VAR = "SPECDEF_NUMERICS"
 MACHINE = "machine"  # a spec's way of saying "whatever machine_pin() picks here"
 
 
+@lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:
