@@ -57,7 +57,6 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     # rank 0 decides for all: a parallel job may complete the folder between two ranks' looks
     if distributed.broadcast(info_path.is_file() and verify_manifest(folder) is None):
         log.info("defended model loaded from the cache %s", folder)
-        # the attention kernel the run chose (eager where a second-order attack needs double backward)
         cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
         defense.info = {**json.loads(info_path.read_text()), "cached_from": str(folder)}
         return cached.to(next(model.parameters()).device)
@@ -65,6 +64,14 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     if distributed.is_main():
         _cache_defended(model, defense, folder)
     return model
+
+
+def use_attack_attention(model, attack_cfg) -> None:
+    """Eager attention for a second-order attack (its double backward), switched on only now: the
+    defense was trained, or loaded, under the default kernel, so its weights are the same whichever
+    attack of a sweep built it first."""
+    if hooks.needs_double_backward(attack_cfg):
+        model.set_attn_implementation("eager")
 
 
 def _cache_defended(model, defense, folder: Path) -> None:
@@ -146,11 +153,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             data = load_data(cfg.data, cache_dir)
             preflight(cfg.eval, data)  # a missing eval dataset stops the run here, before any model is loaded
         with timed(timings, "load_model"), distributed.main_first():
-            attn = "eager" if hooks.needs_double_backward(cfg.attack) else None
             # dist=fsdp: the plain model stays in host memory; its shards go to each rank's device
             device = "cpu" if distributed.active() else None
-            model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, attn_implementation=attn,
-                                          device=device)
+            # the default attention kernel: the defended model, cached and shared by every attack of a
+            # sweep, must not depend on which attack happened to build it (see use_attack_attention)
+            model, tokenizer = load_model(cfg.model, cfg.data, data, cache_dir, device=device)
         check_attack_patterns(OmegaConf.select(cfg, "attack"), model)  # a typo stops here, not after the defense
         with distributed.main_first():
             evaluator = build_evaluator(cfg.eval, tokenizer, data)
@@ -162,6 +169,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         with timed(timings, "eval_pre_attack"):
             pre = base if defense.name == "none" else evaluator(model)
         logger.log({f"pre_attack/{k}": v for k, v in pre.items()}, step=0)
+        use_attack_attention(model, cfg.attack)
         attack = instantiate(cfg.attack)
         threshold = attack.recover_threshold
         threshold = default_threshold(attack, base, data) if threshold is None else threshold

@@ -150,3 +150,29 @@ def test_defended_cache_is_keyed_by_the_input_weights(tiny_path, data, tmp_path)
         other.model.norm.weight.add_(0.01)
     defend(cfg, defense, other, None, data, tmp_path)
     assert defense.calls == 2
+
+
+def test_the_defense_is_built_under_the_default_attention_whatever_the_attack(tmp_path, monkeypatch):
+    """A second-order attack runs on eager attention, but the defended model it starts from is built
+    under the default kernel: the cache serves one model to every attack of a sweep, and which attack
+    built it first must not change its weights (eager and SDPA round differently)."""
+    from attacks.relearn import Relearn
+    from runner import pipeline
+    seen = {}
+    defend_ = pipeline.defend
+
+    def spy_defend(cfg, defense, model, *args):
+        seen["defense"] = model.config._attn_implementation
+        return defend_(cfg, defense, model, *args)
+
+    call = Relearn.__call__
+
+    def spy_attack(self, model, *args, **kwargs):
+        seen["attack"] = model.config._attn_implementation
+        return call(self, model, *args, **kwargs)
+
+    monkeypatch.setenv("SPECDEF_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setattr(pipeline, "defend", spy_defend)
+    monkeypatch.setattr(Relearn, "__call__", spy_attack)
+    run(_small_run("attack=sophia", "attack.steps=2", "lr=1e-3"), tmp_path / "run")
+    assert seen == {"defense": "sdpa", "attack": "eager"}
