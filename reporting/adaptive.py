@@ -2,11 +2,13 @@
 experiment=strongest_attack found per defense).
 
     python -m reporting.adaptive outputs/sweeps/adaptive_tiny [--strongest DIR ...] [--out results/adaptive]
+        [--dagger-rule broken|legacy]
 
 Rows are attacks (conf/adaptive/<row>.yaml), columns defenses. A cell is one of Table 1's three
-kinds (reporting.tables): `✓n / acc` recovered at step n with the model intact, `†n / acc` diverged at
-step n first (retain perplexity beyond the factor, or a non-finite loss), `>n / acc` neither in the n
-steps run; acc is the hazard accuracy at that step. Per row: the attacker's knowledge and the parameters it
+kinds (reporting.tables): `✓n / acc` recovered at step n with the model intact, `†n / acc` broken at
+step n first (by the run's dagger rule, or the one --dagger-rule names), `>n / acc` neither in the n
+steps run; acc is the hazard accuracy at that step. The strongest attack's trial is the one its search
+chose, under the rule it ran with. Per row: the attacker's knowledge and the parameters it
 trains on the undefended model. Writes README.md, table.csv and PROVENANCE.md to --out.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.outcome import DAGGER_RULES
 from reporting.provenance import write_provenance
 from reporting.tables import MISSING, NOTE_CELLS, _get, defense_label, load_records, outcome_cell, record_outcome
 
@@ -34,13 +37,13 @@ def column(record: dict) -> str:
     return label
 
 
-def cell(record: dict) -> str:
-    outcome = record_outcome(record)
+def cell(record: dict, dagger_rule: str | None = None) -> str:
+    outcome = record_outcome(record, dagger_rule)
     hazard = outcome["hazard_acc"]
     return outcome_cell(outcome["kind"], [outcome["step"]], [] if hazard is None else [float(hazard)])
 
 
-def adaptive_rows(records) -> list[dict]:
+def adaptive_rows(records, dagger_rule: str | None = None) -> list[dict]:
     rows = []
     for _, r in records:
         row = _get(r, "config.adaptive.row")
@@ -48,13 +51,13 @@ def adaptive_rows(records) -> list[dict]:
             continue
         extra = _get(r, "attack.extra", {}) or {}
         rows.append({"attack": row, "knowledge": _get(r, "config.adaptive.knowledge"), "defense": column(r),
-                     "defense_name": _get(r, "defense.name"), "lr": _get(r, "config.lr"), "cell": cell(r),
+                     "defense_name": _get(r, "defense.name"), "lr": _get(r, "config.lr"), "cell": cell(r, dagger_rule),
                      "trainable_parameters": extra.get("trainable_parameters"),
                      "model_parameters": extra.get("model_parameters")})
     return rows
 
 
-def strongest_rows(records) -> list[dict]:
+def strongest_rows(records, dagger_rule: str | None = None) -> list[dict]:
     """Per defense, the feasible trial with the highest constrained objective (any trial if none is)."""
     best: dict[str, tuple[float, dict]] = {}
     for _, r in records:
@@ -70,7 +73,7 @@ def strongest_rows(records) -> list[dict]:
         extra = _get(r, "attack.extra", {}) or {}
         peft = "LoRA" if extra.get("peft") else "full"
         rows.append({"attack": STRONGEST, "knowledge": "none", "defense": key, "defense_name": _get(r, "defense.name"),
-                     "lr": _get(r, "config.lr"), "cell": f"{cell(r)} ({r['attack']['name']} {peft}, lr={r['config']['lr']:.2g})",
+                     "lr": _get(r, "config.lr"), "cell": f"{cell(r, dagger_rule)} ({r['attack']['name']} {peft}, lr={r['config']['lr']:.2g})",
                      "trainable_parameters": extra.get("trainable_parameters"),
                      "model_parameters": extra.get("model_parameters")})
     return rows
@@ -103,13 +106,19 @@ def main(argv=None) -> int:
     parser.add_argument("--strongest", type=Path, nargs="*", default=[],
                         help="folders of experiment=strongest_attack sweeps (one row: the best trial per defense)")
     parser.add_argument("--out", type=Path, default=Path("results/adaptive"))
+    parser.add_argument("--dagger-rule", default=None, choices=list(DAGGER_RULES),
+                        help="read every run under this dagger rule (default: the rule each run used)")
     args = parser.parse_args(argv)
     records = load_records(args.sweep)
-    rows = adaptive_rows(records)
-    for folder in args.strongest:
-        more = load_records(folder)
-        rows += strongest_rows(more)
-        records += more
+    try:
+        rows = adaptive_rows(records, args.dagger_rule)
+        for folder in args.strongest:
+            more = load_records(folder)
+            rows += strongest_rows(more, args.dagger_rule)
+            records += more
+    except ValueError as error:  # a run written before the rules, read under another rule than its own
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if not rows:
         print(f"error: no experiment=adaptive records under {args.sweep}", file=sys.stderr)
         return 2
