@@ -36,7 +36,7 @@ def needs_double_backward(optimizer: torch.optim.Optimizer) -> bool:
 
 def config_needs_double_backward(attack_cfg) -> bool:
     """The same decision from the config alone, before anything is built (the pipeline uses it to
-    load the model with eager attention): `second_order: true`, or an optimizer `_target_` whose
+    switch the defended model to eager attention): `second_order: true`, or an optimizer `_target_` whose
     class is known to be second-order."""
     if attack_cfg is None:
         return False

@@ -20,8 +20,8 @@ On a defense class only:
   already on disk). Default: cached under `cache_defended=true`.
 
 On an attack class only:
-- `needs_double_backward(node) -> bool`: it trains with backward(create_graph=True), so the model loads
-  with the eager attention kernel and cannot be sharded. Default: False.
+- `needs_double_backward(node) -> bool`: it trains with backward(create_graph=True), so the model switches
+  to the eager attention kernel once the defense is built, and cannot be sharded. Default: False.
 """
 from __future__ import annotations
 
