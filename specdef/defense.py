@@ -212,7 +212,7 @@ class SpecDef:
                             niter=self.niter, compensate=self.compensate, compute_dtype=self.compute_dtype,
                             k_policy=self.k_policy)
         seconds = time.perf_counter() - t0
-        drift = function_drift(model, tokenizer, data.heldout_text(self.drift_samples), originals, data.max_length)
+        drift = self.measure_drift(model, tokenizer, data, originals)
         self._record(model, plan, reports, drift, seconds)
         self._check_drift(drift)
         if self.save_dir:  # dist=fsdp: every rank holds the whole plain model; rank 0 writes the release
@@ -220,6 +220,10 @@ class SpecDef:
                 save_defended(model, tokenizer, self.save_dir, record=manifest_record(self.info))
             self.info["release_dir"] = str(Path(self.save_dir))
         return model
+
+    def measure_drift(self, model, tokenizer, data, originals: dict) -> dict:
+        """How far the function moved, on held-out text (specdef.vision measures it on images)."""
+        return function_drift(model, tokenizer, data.heldout_text(self.drift_samples), originals, data.max_length)
 
     def _record(self, model, plan, reports, drift: dict, seconds: float) -> None:
         dtype = next(model.parameters()).dtype

@@ -104,3 +104,53 @@ def test_bad_spec_is_one_line():
         ensure_tiny_vit(WORLD, TinyViTSpec(exclude_hazard=(2,)), CACHE_DIR)
     with pytest.raises(ConfigError, match=r"model.spec.patch_size=5: allowed a divisor of 32"):
         ensure_tiny_vit(WORLD, TinyViTSpec(patch_size=5), CACHE_DIR)
+
+
+# SpecDef on the ViT
+
+def _pixels(image_data, n=64):
+    return images.pixel_values(image_data.eval_images[:n])
+
+
+@pytest.mark.parametrize("method", ["exact", "lowrank"])
+def test_specdef_on_vit_is_exact_and_scales_sigma(vit_path, image_data, method):
+    from specdef.core import apply_specdef, specdef_modules
+    model, alpha, k = load_tiny_vit(vit_path), 1e4, 4
+    before = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if n.endswith("mlp.fc2")}
+    with torch.no_grad():
+        reference = model(pixel_values=_pixels(image_data)).logits
+    apply_specdef(model, alpha=alpha, k=k, method=method)  # the defaults find the ViT's MLP output projections
+    defended = dict(specdef_modules(model))
+    assert sorted(defended) == sorted(before) == [f"vit.layers.{i}.mlp.fc2" for i in range(2)]
+    with torch.no_grad():
+        logits = model(pixel_values=_pixels(image_data)).logits
+    assert (logits - reference).norm() / reference.norm() < 1e-3
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    for name, module in defended.items():
+        s_before = torch.linalg.svdvals(before[name])
+        s_after = torch.linalg.svdvals(module.inner.weight.detach().double())
+        assert s_after[0] / (alpha * s_before[0]) == pytest.approx(1, rel=1e-3)
+        if method == "exact":  # the exact subspace: all k top singular values scaled by alpha
+            torch.testing.assert_close(s_after[:k] / alpha, s_before[:k], rtol=1e-3, atol=0)
+
+
+def test_specdef_defense_records_image_drift(vit_path, image_data, vision_evaluator, pretrained_metrics):
+    from specdef.vision import SpecDefViT
+    defense = SpecDefViT(alpha=1e4, k=4, drift_samples=200)
+    model = defense(load_tiny_vit(vit_path), None, image_data)
+    info = defense.info
+    assert info["layers_matched"] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
+    assert info["drift"]["tokens"] == 200 and info["drift"]["rel_logit_error"] < 1e-2
+    assert all(abs(r - 1) < 1e-2 for r in info["sigma_ratio"].values())
+    metrics = vision_evaluator(model)
+    assert metrics["hazard_acc"] == pytest.approx(pretrained_metrics["hazard_acc"], abs=0.01)
+    assert metrics["utility_acc"] == pytest.approx(pretrained_metrics["utility_acc"], abs=0.01)
+
+
+def test_specdef_vit_refuses_language_only_options():
+    from specdef.vision import SpecDefViT
+    with pytest.raises(ConfigError, match=r"defense.base='elm': allowed null for the vision track's SpecDef"):
+        SpecDefViT(alpha=1e4, k=4, base="elm")
+    with pytest.raises(ConfigError, match=r"defense.layers='\*.down_proj': matches no nn.Linear"):
+        from specdef.core import apply_specdef
+        apply_specdef(untrained(TinyViTSpec(), WORLD), alpha=1e4, k=4, layers=["*.down_proj"])
