@@ -173,6 +173,50 @@ class ImageData:
     def benign(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self._select(split, self.benign_labels)
 
+    @property
+    def hazard_tasks(self) -> dict[int, str]:
+        """The hazard "split" -> the name its accuracy is scored under (`acc/<class>` in the evaluation):
+        what the attack's relearned_acc / heldout_acc read, as for the language world's hazard splits."""
+        return dict(enumerate(self.world.hazard))
+
+    def attack_batches(self, spec: dict, batch_size: int, seed: int) -> Iterator[dict]:
+        """The attacker's fine-tuning batches (attacks.relearn, `attack.data`): source `forget`, the training
+        images of the hazard classes in `splits` (indices into world.hazard), or `retain`, the benign
+        ones; `n_samples` images drawn with `seed` (null: all); `retain_share`: plus benign images making
+        up that share of the whole (as attacks.relearn.relearn_texts does with retain text)."""
+        source = spec.get("source")
+        if source == "forget":
+            splits = list(spec.get("splits") or [])
+            bad = [s for s in splits if not (isinstance(s, int) and 0 <= s < len(self.world.hazard))]
+            if bad or not splits:
+                raise ConfigError(f"attack.data.splits={splits}: allowed indices 0..{len(self.world.hazard) - 1} "
+                                  f"of the hazard classes {list(self.world.hazard)}")
+            x, y = self.hazard("train", splits)
+        elif source == "retain":
+            x, y = self.benign("train")
+        else:
+            raise ConfigError(f"attack.data.source={source!r}: allowed forget or retain for the image world")
+        x, y = _sample(x, y, spec.get("n_samples"), seed)
+        share = spec.get("retain_share")
+        if share:  # benign images making up that share of the set (the attacker keeps the model's utility)
+            bx, by = self.benign("train")
+            extra = min(len(by), round(len(y) * share / (1 - share)))
+            bx, by = _sample(bx, by, extra, seed + 1)
+            x, y = torch.cat([x, bx]), torch.cat([y, by])
+        return image_batches(x, y, batch_size, seed)
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return classification_loss(model, batch)
+
+
+def _sample(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` of the images drawn with `seed` (all if n is None or not smaller)."""
+    if n is None or n >= len(y):
+        return x, y
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[keep], y[keep]
+
 
 def image_data(world: ImageWorldConfig) -> ImageData:
     train, test = split_images(world, "train"), split_images(world, "eval")

@@ -171,11 +171,22 @@ def _pretrain_in_subprocess(world, spec: TinyViTSpec, out: Path, pin: str, progr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _known_keys(d: dict, cls, key: str) -> dict:
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{key} has unknown keys {unknown}: allowed {', '.join(allowed)}")
+    return d
+
+
 def world_from_dict(d: dict) -> images.ImageWorldConfig:
-    return images.ImageWorldConfig(**{**d, "classes": tuple(d["classes"]), "hazard": tuple(d["hazard"])})
+    d = _known_keys(d, images.ImageWorldConfig, "data.world")
+    lists = {k: tuple(d[k]) for k in ("classes", "hazard") if k in d}
+    return images.ImageWorldConfig(**{**d, **lists})
 
 
 def spec_from_dict(d: dict) -> TinyViTSpec:
+    d = _known_keys(d, TinyViTSpec, "model.spec")
     return TinyViTSpec(**{**d, "exclude_hazard": tuple(d.get("exclude_hazard") or ())})
 
 

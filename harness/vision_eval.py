@@ -38,14 +38,14 @@ class VisionEvaluator:
     """`evaluator(model) -> metrics` (harness.interfaces.Evaluator) on the world's eval split."""
     versions: dict = {}  # no lm-eval tasks: the record's task_versions stay empty
 
-    def __init__(self, data: ImageData, limit: int | None = None):
-        self.data, self.limit = data, limit
+    def __init__(self, data: ImageData, limit: int | None = None, batch_size: int = 256):
+        self.data, self.limit, self.batch_size = data, limit, batch_size
 
     def __call__(self, model: torch.nn.Module) -> dict:
         images, labels = self.data.eval_images, self.data.eval_labels
         if self.limit is not None:  # a class-balanced prefix (the split interleaves classes)
             images, labels = images[: self.limit * len(self.data.classes)], labels[: self.limit * len(self.data.classes)]
-        logits = logits_of(model, images)
+        logits = logits_of(model, images, self.batch_size)
         hazard = torch.isin(labels, torch.tensor(self.data.hazard_labels))
         hazard_acc, forget_ppl = _scores(logits[hazard], labels[hazard])
         utility_acc, retain_ppl = _scores(logits[~hazard], labels[~hazard])

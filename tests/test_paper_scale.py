@@ -32,7 +32,8 @@ PAPER = {
             "rm_lr": 2e-5},
 }
 SPECDEF_PAPER = {"alpha": 1e4, "dtype": "float32", "strict_drift": True, "base_scale": "paper"}
-SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm"}
+SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm",
+                    "specdef_vit": None}
 DEFENSES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "defense").glob("*.yaml"))
 
 

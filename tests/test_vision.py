@@ -135,8 +135,9 @@ def test_specdef_on_vit_is_exact_and_scales_sigma(vit_path, image_data, method):
 
 
 def test_specdef_defense_records_image_drift(vit_path, image_data, vision_evaluator, pretrained_metrics):
-    from specdef.vision import SpecDefViT
-    defense = SpecDefViT(alpha=1e4, k=4, drift_samples=200)
+    """`defense=specdef` unchanged: on the image world it measures its drift on eval images."""
+    from specdef.defense import SpecDef
+    defense = SpecDef(alpha=1e4, k=4, drift_samples=200)
     model = defense(load_tiny_vit(vit_path), None, image_data)
     info = defense.info
     assert info["layers_matched"] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
@@ -147,10 +148,82 @@ def test_specdef_defense_records_image_drift(vit_path, image_data, vision_evalua
     assert metrics["utility_acc"] == pytest.approx(pretrained_metrics["utility_acc"], abs=0.01)
 
 
-def test_specdef_vit_refuses_language_only_options():
-    from specdef.vision import SpecDefViT
-    with pytest.raises(ConfigError, match=r"defense.base='elm': allowed null for the vision track's SpecDef"):
-        SpecDefViT(alpha=1e4, k=4, base="elm")
+def test_specdef_vit_layer_typo_is_one_line():
     with pytest.raises(ConfigError, match=r"defense.layers='\*.down_proj': matches no nn.Linear"):
         from specdef.core import apply_specdef
         apply_specdef(untrained(TinyViTSpec(), WORLD), alpha=1e4, k=4, layers=["*.down_proj"])
+
+
+# The relearning attack (runner/vision.py over attacks.relearn.Relearn and harness.train.train_loop)
+
+NAIVE = "model.spec.exclude_hazard=[0,1]"  # pretrained without the hazard classes: what an attacker must (re)learn
+
+
+def vision_run(tmp_path, *overrides):
+    from runner.vision import run
+    from tests.conftest import compose_cfg
+    cfg = compose_cfg("experiment=vision", f"paths.output_root={tmp_path}", "threads=1", *overrides)
+    return run(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("attack, lr", [("sgd", "1e-2"), ("adam", "1e-3")])
+def test_specdef_makes_the_relearning_attack_diverge(tmp_path, attack, lr):
+    """The undefended naive ViT relearns the hazard classes without breaking; SpecDef (alpha 1e4) on its
+    MLP output projections turns the same attack into a dagger."""
+    common = (NAIVE, f"attack={attack}", f"lr={lr}", "attack.recover_threshold=0.9")
+    plain = vision_run(tmp_path / "none", *common)
+    defended = vision_run(tmp_path / "specdef", *common, "defense=specdef_vit")
+    assert plain["attack"]["outcome"]["kind"] != "diverged", plain["attack"]["divergence_reason"]
+    assert plain["attack"]["best_hazard_acc"] >= 0.8  # it does relearn
+    assert plain["metrics"]["base"]["hazard_acc"] < 0.05 and plain["metrics"]["base"]["utility_acc"] >= 0.95
+    assert defended["attack"]["outcome"]["kind"] == "diverged"
+    assert defended["defense"]["alpha"] == 1e4 and defended["defense"]["drift"]["rel_logit_error"] < 1e-2
+    # the function before the attack is the undefended one: the dagger comes from the attack
+    assert defended["metrics"]["pre_attack"]["utility_acc"] == pytest.approx(plain["metrics"]["pre_attack"]["utility_acc"], abs=0.01)
+    assert (tmp_path / "specdef" / "run" / "result.json").is_file()
+
+
+def test_relearning_one_hazard_class_scores_it_apart(tmp_path):
+    """attack.data.splits picks hazard classes; relearned_acc / heldout_acc are those classes' accuracies."""
+    record = vision_run(tmp_path, NAIVE, "attack=adam", "lr=1e-3", "attack.data.splits=[0]", "attack.steps=30",
+                        "attack.recover_threshold=0.9")
+    final = record["attack"]["final"]
+    assert final["relearned_acc"] == final["acc/cross"] and final["heldout_acc"] == final["acc/ring"]
+    assert final["acc/cross"] > 0.5 > final["acc/ring"]
+
+
+def test_attack_batches_mix_benign_images(image_data):
+    batches = image_data.attack_batches({"source": "forget", "splits": [0], "retain_share": 0.5}, 400, seed=0)
+    labels = next(batches)["labels"]
+    cross = image_data.class_index("cross")
+    assert (labels == cross).sum() == pytest.approx(200, abs=40)
+    assert set(labels.tolist()) - {cross} <= set(image_data.benign_labels)
+    only = next(image_data.attack_batches({"source": "forget", "splits": [1]}, 64, seed=0))["labels"]
+    assert set(only.tolist()) == {image_data.class_index("ring")}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"source": "questions", "splits": [0]}, r"attack.data.source='questions': allowed forget or retain for the image world"),
+    ({"source": "forget", "splits": [2]}, r"attack.data.splits=\[2\]: allowed indices 0..1 of the hazard classes"),
+])
+def test_bad_attack_data_is_one_line(image_data, data, message):
+    with pytest.raises(ConfigError, match=message):
+        image_data.attack_batches(data, 64, seed=0)
+
+
+def test_bad_retain_share_is_one_line():
+    from attacks.relearn import _check_data
+    with pytest.raises(ConfigError, match=r"attack.data.retain_share=1.0: allowed null or a number in \[0, 1\)"):
+        _check_data({"source": "forget", "splits": [0], "retain_share": 1.0})
+
+
+def test_run_py_stops_on_an_unknown_class_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "run.py", "experiment=vision", "data.world.hazard=[cross,skull]",
+                           f"paths.output_root={tmp_path}"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: data.world.hazard: unknown class 'skull'; allowed disk, "
+                                                    "square, triangle, cross, ring, diamond, saltire, frame")
