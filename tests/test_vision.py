@@ -227,3 +227,29 @@ def test_run_py_stops_on_an_unknown_class_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: data.world.hazard: unknown class 'skull'; allowed disk, "
                                                     "square, triangle, cross, ring, diamond, saltire, frame")
+
+
+# Class unlearning (baselines/class_npo.py) and SpecDef over it (the Table 1 row SpecDef(unlearned))
+
+def test_specdef_over_class_npo_turns_relearning_into_a_dagger(tmp_path):
+    common = ("attack=sgd", "lr=1e-3", "attack.recover_threshold=0.9")
+    unlearned = vision_run(tmp_path / "npo", "defense=class_npo", *common)
+    start = unlearned["metrics"]["pre_attack"]
+    assert unlearned["metrics"]["base"]["hazard_acc"] >= 0.95
+    assert start["hazard_acc"] <= 0.05 and start["utility_acc"] >= 0.9  # unlearned, utility kept
+    assert unlearned["defense"]["forget_classes"] == ["cross", "ring"]
+    assert unlearned["attack"]["outcome"]["kind"] != "diverged" and unlearned["attack"]["best_hazard_acc"] >= 0.8
+    defended = vision_run(tmp_path / "specdef", "defense=specdef_vit", "defense.base=class_npo", *common)
+    assert defended["defense"]["base"]["name"] == "class_npo"
+    assert defended["metrics"]["pre_attack"]["hazard_acc"] == pytest.approx(start["hazard_acc"], abs=0.01)
+    assert defended["attack"]["outcome"]["kind"] == "diverged"
+
+
+def test_class_npo_refuses_text_and_bad_classes(image_data):
+    from baselines.class_npo import ClassNPO
+    npo = ClassNPO(beta=0.1, npo_coeff=1.0, retain_coeff=1.0, lr=1e-3, weight_decay=0.0, steps=1, batch_size=4,
+                   forget_splits=[3])
+    with pytest.raises(ConfigError, match=r"defense.forget_splits=\[3\]: allowed a non-empty list of indices 0..1"):
+        npo.hazard_images(image_data)
+    with pytest.raises(ConfigError, match=r"defense=class_npo on list: allowed image data"):
+        npo.hazard_images([])
