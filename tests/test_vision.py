@@ -253,3 +253,15 @@ def test_class_npo_refuses_text_and_bad_classes(image_data):
         npo.hazard_images(image_data)
     with pytest.raises(ConfigError, match=r"defense=class_npo on list: allowed image data"):
         npo.hazard_images([])
+
+
+def test_vision_table_preset_takes_each_optimizers_own_grid():
+    from hydra.utils import instantiate
+    from tests.conftest import compose_cfg
+    for attack, grid in {"sgd": [1e-3, 3e-3], "adam": [3e-5, 1e-4]}.items():
+        for rank, lr in enumerate(grid):
+            cfg = compose_cfg("experiment=vision_table", f"attack={attack}", f"vision_table.lr_rank={rank}")
+            assert cfg.lr == pytest.approx(lr) and cfg.data.kind == "images"
+    cfg = compose_cfg("experiment=vision_table", "defense=specdef_vit_npo")
+    defense = instantiate(cfg.defense)
+    assert (defense.base, defense.layers, defense.alpha) == ("class_npo", ["vit.layers.*.mlp.fc2"], 1e4)
