@@ -144,6 +144,9 @@ def ensure_tiny_vit(world: images.ImageWorldConfig, spec: TinyViTSpec, cache_dir
 
 def _build(world: images.ImageWorldConfig, spec: TinyViTSpec, folder: Path, progress: bool) -> None:
     pin = numerics.resolve(spec.numerics, "model.spec.numerics")
+    if spec.numerics != "native" and pin == "native":  # the cache key says so too (numerics_id)
+        log.warning("model.spec.numerics=%s cannot hold here; pretraining the tiny ViT with this machine's "
+                    "numerics, so its weights are this machine's own", spec.numerics)
     log.info("pretraining the tiny ViT (one-off, %s numerics, cached at %s)", pin, folder)
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
     t0 = time.perf_counter()

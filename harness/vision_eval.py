@@ -36,7 +36,6 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 class VisionEvaluator:
     """`evaluator(model) -> metrics` (harness.interfaces.Evaluator) on the world's eval split."""
-    versions: dict = {}  # no lm-eval tasks: the record's task_versions stay empty
 
     def __init__(self, data: ImageData, limit: int | None = None, batch_size: int = 256):
         self.data, self.limit, self.batch_size = data, limit, batch_size

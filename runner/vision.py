@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
 from harness.images import image_data
+from harness.outcome import recovered_step
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, write_json_atomic
 from harness.tiny_vit import check_spec, ensure_tiny_vit, load_tiny_vit, spec_from_dict, world_from_dict
 from harness.vision_eval import VisionEvaluator
 from runner.objective import constrained_objective
 from runner.pipeline import _completed, check_writable, default_threshold, print_summary, timed
+from runner.report import log_run_report
 from runner.validate import validate
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    with instantiate(cfg.logger) as logger:
+        logger.start(resolved, run_dir)
+        record = {"schema_version": SCHEMA_VERSION, "status": "complete", "track": "vision", "config": resolved,
+                  "config_hash": key, "provenance": {**provenance(), "world_size": 1}, "seed": cfg.seed,
+                  **execute(cfg, run_dir / "attack_checkpoint" / key, logger),
+                  "lm_eval": {"version": None, "task_versions": {}}}
+        record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
+        logger.summary({"post_attack/hazard_acc": record["metrics"]["post_attack"].get("hazard_acc"),
+                        "steps_to_recover": recovered_step(record["attack"]["outcome"]),
+                        "outcome": record["attack"]["outcome"]["kind"], "diverged": record["attack"]["diverged"]})
+        write_json_atomic(run_dir / RECORD_NAME, record)
+        write_json_atomic(stored, record)
+        log_run_report(logger, record, run_dir)
+    print_summary(record)
+    return record
+
+
+def execute(cfg: DictConfig, checkpoint_dir: Path, logger) -> dict:
+    """World, model, defense, attack: the record's timings, metrics, defense and attack."""
     timings: dict = {}
     with timed(timings, "data"):
         data = image_data(world_and_spec(cfg)[0])
@@ -86,22 +107,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         model = defense(model, None, data)  # no tokenizer; SpecDef measures its drift on eval images
     with timed(timings, "eval_pre_attack"):
         pre = base if defense.name == "none" else evaluator(model)
+    logger.log({f"pre_attack/{k}": v for k, v in pre.items()}, step=0)
     attack = instantiate(cfg.attack)
     threshold = attack.recover_threshold
     threshold = default_threshold(attack, base, data) if threshold is None else threshold
     with timed(timings, "attack"):
         result = attack(model, None, data, evaluator, start=pre, threshold=threshold,
-                        checkpoint_dir=run_dir / "attack_checkpoint" / key)
-    record = {
-        "schema_version": SCHEMA_VERSION, "status": "complete", "track": "vision", "config": resolved,
-        "config_hash": key, "provenance": {**provenance(), "world_size": 1}, "seed": cfg.seed, "timings": timings,
-        "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final},
-        "defense": {"name": defense.name, **defense.info},
-        "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()},
-        "lm_eval": {"version": None, "task_versions": {}},
-    }
-    record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
-    write_json_atomic(run_dir / RECORD_NAME, record)
-    write_json_atomic(stored, record)
-    print_summary(record)
-    return record
+                        on_eval=lambda point: logger.log(point, step=point["step"]), checkpoint_dir=checkpoint_dir)
+    return {"timings": timings, "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final},
+            "defense": {"name": defense.name, **defense.info},
+            "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()}}

@@ -99,6 +99,14 @@ def test_vit_cache_is_checksummed(vit_path):
     assert vit_path.parent.name == "tiny_vit" and vit_path.parent.parent == CACHE_DIR
 
 
+def test_unknown_config_keys_are_one_line():
+    from harness.tiny_vit import spec_from_dict, world_from_dict
+    with pytest.raises(ConfigError, match=r"data.world has unknown keys \['hazards'\]: allowed seed, classes, hazard"):
+        world_from_dict({"hazards": ["ring"]})
+    with pytest.raises(ConfigError, match=r"model.spec has unknown keys \['layers'\]: allowed hidden_size"):
+        spec_from_dict({"layers": 2})
+
+
 def test_bad_spec_is_one_line():
     with pytest.raises(ConfigError, match=r"model.spec.exclude_hazard=\[2\]: allowed indices 0..1"):
         ensure_tiny_vit(WORLD, TinyViTSpec(exclude_hazard=(2,)), CACHE_DIR)
@@ -265,3 +273,12 @@ def test_vision_table_preset_takes_each_optimizers_own_grid():
     cfg = compose_cfg("experiment=vision_table", "defense=specdef_vit_npo")
     defense = instantiate(cfg.defense)
     assert (defense.base, defense.layers, defense.alpha) == ("class_npo", ["vit.layers.*.mlp.fc2"], 1e4)
+
+
+def test_a_finished_run_is_not_run_again(tmp_path):
+    first = vision_run(tmp_path, NAIVE, "attack=adam", "lr=1e-3", "attack.steps=10", "attack.recover_threshold=0.9")
+    again = vision_run(tmp_path, NAIVE, "attack=adam", "lr=1e-3", "attack.steps=10", "attack.recover_threshold=0.9")
+    # read back, timings and all: not run again (the stored record's provenance has its secrets redacted)
+    assert (again["config_hash"], again["timings"], again["metrics"]) == (first["config_hash"], first["timings"],
+                                                                          first["metrics"])
+    assert (tmp_path / "records" / f"{first['config_hash']}.json").is_file()
