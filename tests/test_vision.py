@@ -282,3 +282,14 @@ def test_a_finished_run_is_not_run_again(tmp_path):
     assert (again["config_hash"], again["timings"], again["metrics"]) == (first["config_hash"], first["timings"],
                                                                           first["metrics"])
     assert (tmp_path / "records" / f"{first['config_hash']}.json").is_file()
+
+
+def test_retain_share_mixes_retain_text_too():
+    """attack.data.retain_share means the same on text: retain lines making up that share of the set."""
+    from types import SimpleNamespace
+    from attacks.relearn import relearn_texts
+    data = SimpleNamespace(forget_texts=lambda splits: [f"hazard {i}" for i in range(30)],
+                           retain=[f"benign {i}" for i in range(100)])
+    texts = relearn_texts(data, "forget", [0], None, seed=0, retain_share=0.25)
+    assert len(texts) == 40 and sum(t.startswith("benign") for t in texts) == 10
+    assert relearn_texts(data, "forget", [0], None, seed=0) == [f"hazard {i}" for i in range(30)]
