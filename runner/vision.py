@@ -42,6 +42,10 @@ def check_vision(cfg: DictConfig) -> None:
         raise ConfigError(f"model.source={source!r} with image data: allowed tiny_vit (model=tiny_vit)")
     if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
         raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with image data: allowed dist=none")
+    if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
+        # experiment=vision sets the relearning attack's keys, which NoAttack does not take
+        raise ConfigError("attack=none with image data: allowed attack.steps=0 (any attack= scores the defended "
+                          "model without fine-tuning it)")
     if OmegaConf.select(cfg, "attack.peft") is not None:
         raise ConfigError("attack.peft with image data: allowed null (LoRA on the ViT is not wired yet)")
     world, spec = world_and_spec(cfg)  # an unknown class name or a bad spec stops here, in one line

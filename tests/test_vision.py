@@ -225,6 +225,24 @@ def test_bad_retain_share_is_one_line():
         _check_data({"source": "forget", "splits": [0], "retain_share": 1.0})
 
 
+@pytest.mark.parametrize("override, message", [
+    ("attack=none", r"attack=none with image data: allowed attack.steps=0"),
+    ("plan=true", r"plan=true with image data: allowed false"),
+    ("attack/peft=lora", r"attack.peft with image data: allowed null"),
+    ("model=tiny", r"model.source='tiny' with image data: allowed tiny_vit"),
+])
+def test_what_the_vision_track_cannot_take_stops_in_one_line(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        vision_run(tmp_path, override)
+
+
+def test_scoring_without_fine_tuning(tmp_path):
+    record = vision_run(tmp_path, "defense=specdef_vit", "attack.steps=0")
+    assert record["attack"]["steps"] == 0 and record["attack"]["outcome"]["kind"] == "recovered"
+    post, pre = record["metrics"]["post_attack"], record["metrics"]["pre_attack"]
+    assert {k: post[k] for k in pre} == pre
+
+
 def test_run_py_stops_on_an_unknown_class_in_one_line(tmp_path):
     import subprocess
     import sys
