@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.errors import ConfigError
 from runner.objective import constrained_objective
 from runner.pipeline import run, show_plan
+from runner.vision import is_vision, run as run_vision
 
 log = logging.getLogger("run")
 
@@ -19,10 +20,13 @@ def main(cfg: DictConfig) -> float:
     """Returns the attacker's constrained objective (runner/objective.py): the post-attack hazard
     accuracy, minus a penalty when the attack broke the model; a sweeper maximises it."""
     try:
-        if cfg.plan:
+        if is_vision(cfg):  # the image world (experiment=vision): its own runner, the same defenses and attacks
+            record = run_vision(cfg, HydraConfig.get().runtime.output_dir)
+        elif cfg.plan:
             show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record
             return None
-        record = run(cfg, HydraConfig.get().runtime.output_dir)
+        else:
+            record = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, InstantiationException) as e:
         # a ConfigError raised while Hydra builds a defense or attack arrives wrapped
         cause = e if isinstance(e, ConfigError) else e.__cause__

@@ -36,7 +36,10 @@ from harness.train import lm_loss, lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
 
-DATA_KEYS = {"source", "splits", "n_samples"}
+# retain_share (optional, absent from conf/attack/_base.yaml so that no existing config's hash changes):
+# the share of the fine-tuning set drawn from the retain data besides `source` (an attacker keeping the
+# model's utility; a classifier fine-tuned on hazard classes alone forgets the benign ones within 10 steps)
+DATA_KEYS = {"source", "splits", "n_samples", "retain_share"}
 # hazard_acc: all hazard tasks; relearned_acc / heldout_acc: the RTT split (see split_tasks)
 RECOVER_METRICS = ("hazard_acc", "relearned_acc", "heldout_acc")
 DATA_SOURCES = ("forget", "questions", "retain", "unrelated")
@@ -85,15 +88,25 @@ def dagger_rule(dagger: dict | None) -> DaggerRule:
     return DaggerRule(name, **fields)
 
 
-def relearn_texts(data, source: str, splits, n_samples: int | None, seed: int) -> list[str]:
+def relearn_texts(data, source: str, splits, n_samples: int | None, seed: int,
+                  retain_share: float | None = None) -> list[str]:
     """The attacker's fine-tuning text: forget (chosen splits), the hazard questions of the chosen
-    splits with their answers (RTT), retain, or unrelated."""
+    splits with their answers (RTT), retain, or unrelated; with `retain_share`, plus retain text
+    making up that share of the whole."""
     pools = {"forget": lambda: data.forget_texts(splits), "questions": lambda: data.question_texts(splits),
              "retain": lambda: list(data.retain), "unrelated": lambda: list(data.unrelated)}
     texts = pools[source]()
     if n_samples is not None and n_samples < len(texts):
         texts = random.Random(seed).sample(texts, n_samples)
+    if retain_share:
+        extra = retain_count(len(texts), retain_share, len(data.retain))
+        texts = texts + random.Random(seed + 1).sample(list(data.retain), extra)
     return texts
+
+
+def retain_count(n_source: int, share: float, available: int) -> int:
+    """How many retain items make up `share` of a set holding `n_source` others (at most `available`)."""
+    return min(available, round(n_source * share / (1 - share)))
 
 
 def split_tasks(hazard_tasks: dict[int, str], relearned: set[int]) -> tuple[list[str], list[str]]:
@@ -232,19 +245,14 @@ class Relearn:
 
     def fine_tune(self, model, tokenizer, data, evaluator, *, start: dict, threshold: float | None,
                   on_eval: Callable[[dict], None] | None, checkpoint_dir) -> AttackResult:
-        source, splits = self.data["source"], list(self.data.get("splits") or [])
-        texts = relearn_texts(data, source, splits, self.data.get("n_samples"), self.seed)
+        batches, loss_fn, probe = self.training_data(tokenizer, data)
         tasks = self.split_tasks(data)
-        batches = batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed)
         optimizers = self.build_optimizers(model)
         self.check_forward_only(optimizers)
         set_mode(optimizers, "train")
         schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.schedule, self.warmup_steps, self.steps))
                       for o in optimizers]
         create_graph = self.second_order or any(needs_double_backward(o) for o in optimizers)
-        # A fixed batch of the relearning text for the sharpness estimate, so points are comparable.
-        probe = (next(batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed + 1))
-                 if self.sharpness_every else None)
 
         def measure(step: int, loss: float | None) -> dict:
             with evaluation_point(optimizers):
@@ -299,7 +307,7 @@ class Relearn:
             # torch warns on every create_graph backward about a param<->grad cycle; train_loop breaks
             # it (zero_grad(set_to_none=True) after each step), so the warning is noise here.
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            loop = train_loop(model, batches, lm_loss, optimizers, schedulers=schedulers, steps=self.steps,
+            loop = train_loop(model, batches, loss_fn, optimizers, schedulers=schedulers, steps=self.steps,
                               grad_accum=self.grad_accum, create_graph=create_graph,
                               max_grad_norm=self.max_grad_norm, on_step=on_step, desc=f"attack {self.name}",
                               start_step=start_step, losses_out=loop_losses)
@@ -326,6 +334,22 @@ class Relearn:
         result.stop_reason = stop["reason"]
         result.extra["resumed_from_step"] = start_step if resumed else None
         return result
+
+    def training_data(self, tokenizer, data) -> tuple:
+        """(batches, loss, sharpness probe) of the fine-tuning data: text through the tokenizer and the LM
+        loss, or the data's own batches and loss where it brings them (the image world, harness/images.py).
+        The probe is a fixed batch for the sharpness estimate, so points are comparable (None: not logged)."""
+        own = getattr(data, "attack_batches", None)
+        if own is not None:
+            if self.sharpness_every:
+                raise ConfigError(f"attack.sharpness_every={self.sharpness_every}: allowed null on "
+                                  f"{type(data).__name__} (the sharpness estimate builds a language-model loss)")
+            return own(self.data, self.batch_size, self.seed), data.loss, None
+        texts = relearn_texts(data, self.data["source"], list(self.data.get("splits") or []),
+                              self.data.get("n_samples"), self.seed, self.data.get("retain_share"))
+        probe = (next(batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed + 1))
+                 if self.sharpness_every else None)
+        return batch_iterator(tokenizer, texts, self.batch_size, data.max_length, self.seed), lm_loss, probe
 
     def split_tasks(self, data) -> tuple[list[str], list[str]]:
         """(tasks of the relearned splits, tasks of the held-out ones): none relearned for retain or unrelated text."""
@@ -480,6 +504,9 @@ def _check_data(data) -> dict:
         raise ConfigError(f"attack.data has unknown keys {sorted(unknown)}: allowed {sorted(DATA_KEYS)}")
     if data.get("source") not in DATA_SOURCES:
         raise ConfigError(f"attack.data.source={data.get('source')!r}: allowed {', '.join(DATA_SOURCES)}")
+    share = data.get("retain_share")
+    if share is not None and not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 1):
+        raise ConfigError(f"attack.data.retain_share={share!r}: allowed null or a number in [0, 1)")
     if data["source"] in SPLIT_SOURCES and not data.get("splits"):
         raise ConfigError(f"attack.data.splits is empty: relearning on {data['source']} needs at least one split")
     return data

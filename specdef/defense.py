@@ -28,7 +28,7 @@ from harness.models import DTYPES
 from harness.rules import Rule, check_rules, non_negative_int, one_of, positive, positive_int
 from specdef.core import (COMPUTE_DTYPES, K_POLICIES, METHODS, NITER, check_alpha, check_k_policy, check_method,
                           match_layers, plan_layers, transform)
-from specdef.drift import function_drift, max_supported_alpha
+from specdef.drift import data_drift, max_supported_alpha
 from specdef.modules import output_weights
 from specdef.release import manifest_record, save_defended
 
@@ -212,7 +212,7 @@ class SpecDef:
                             niter=self.niter, compensate=self.compensate, compute_dtype=self.compute_dtype,
                             k_policy=self.k_policy)
         seconds = time.perf_counter() - t0
-        drift = function_drift(model, tokenizer, data.heldout_text(self.drift_samples), originals, data.max_length)
+        drift = data_drift(model, tokenizer, data, originals, self.drift_samples)
         self._record(model, plan, reports, drift, seconds)
         self._check_drift(drift)
         if self.save_dir:  # dist=fsdp: every rank holds the whole plain model; rank 0 writes the release

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from harness.batches import encode
+from harness.images import ImageData, pixel_values
 from specdef.core import set_module
 
 
@@ -54,6 +55,30 @@ def function_drift(model: nn.Module, tokenizer, texts: Sequence[str], originals:
         _accumulate(acc, ref, out, batch["attention_mask"].bool())
     model.train(was_training)
     return _summarise(acc, dtype=next(model.parameters()).dtype)
+
+
+@torch.no_grad()
+def image_drift(model: nn.Module, images: torch.Tensor, originals: dict[str, nn.Module], batch_size: int = 128) -> dict:
+    """The same statistics for an image classifier (harness/images.py): its logits on `images` (uint8);
+    `tokens` counts images."""
+    was_training = model.training
+    model.eval()
+    acc = {"max": 0.0, "kl": 0.0, "diff2": 0.0, "ref2": 0.0, "tokens": 0}
+    for i in range(0, len(images), batch_size):
+        x = pixel_values(images[i:i + batch_size]).to(next(model.parameters()).device)
+        with swapped(model, originals):
+            ref = model(pixel_values=x).logits
+        out = model(pixel_values=x).logits
+        _accumulate(acc, ref, out, torch.ones(len(x), dtype=torch.bool, device=x.device))
+    model.train(was_training)
+    return _summarise(acc, dtype=next(model.parameters()).dtype)
+
+
+def data_drift(model: nn.Module, tokenizer, data, originals: dict[str, nn.Module], samples: int) -> dict:
+    """The drift on `samples` held-out inputs of the run's data: eval images of the image world, else text."""
+    if isinstance(data, ImageData):
+        return image_drift(model, data.eval_images[:samples], originals)
+    return function_drift(model, tokenizer, data.heldout_text(samples), originals, data.max_length)
 
 
 def _accumulate(acc: dict, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, rows: int = 1024) -> None:

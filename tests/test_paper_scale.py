@@ -22,6 +22,8 @@ PAPER = {
             "steps": 150, "batch_size": 4, "retain_corpus": "unrelated"},
     "npo": {"beta": 0.1, "npo_coeff": 1.0, "retain_coeff": 1.0, "lr": 1e-5, "weight_decay": 0.01,
             "batch_size": 4, "grad_accum": 8, "warmup_epochs": 1, "max_grad_norm": 1.0},
+    "class_npo": {"beta": 0.1, "npo_coeff": 1.0, "retain_coeff": 1.0, "lr": 1e-5, "weight_decay": 0.01,
+                  "batch_size": 4, "grad_accum": 8, "warmup_epochs": 1, "max_grad_norm": 1.0},
     "repnoise": {"alpha": 1, "beta": 0.001, "lr": 1e-4, "batch_size": 4, "warmup_ratio": 0.1},
     "elm": {"lora_layers": [4, 5, 6, 7], "lora_r": 256, "lora_alpha": 16, "lora_dropout": 0.05, "eta": 1000,
             "top_k": 50, "temperature": 1.2, "gamma": 3, "erase_coeff": 1, "retain_coeff": 1,
@@ -32,7 +34,8 @@ PAPER = {
             "rm_lr": 2e-5},
 }
 SPECDEF_PAPER = {"alpha": 1e4, "dtype": "float32", "strict_drift": True, "base_scale": "paper"}
-SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm"}
+SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm",
+                    "specdef_vit": None, "specdef_vit_npo": "class_npo"}
 DEFENSES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "defense").glob("*.yaml"))
 
 
