@@ -8,10 +8,11 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,17 +54,25 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
     parts["code"] = _source_digest(hooks.cache_sources(cfg.defense))  # edited method code must not be served
     parts["weights"] = model_fingerprint(model)
     folder = cache_dir / "defended" / config_hash(parts)
-    info_path = folder / "defense_info.json"
-    # rank 0 decides for all: a parallel job may complete the folder between two ranks' looks
-    if distributed.broadcast(info_path.is_file() and verify_manifest(folder) is None):
-        log.info("defended model loaded from the cache %s", folder)
-        cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
-        defense.info = {**json.loads(info_path.read_text()), "cached_from": str(folder)}
-        return cached.to(next(model.parameters()).device)
-    model = defense(model, tokenizer, data)
-    if distributed.is_main():
-        _cache_defended(model, defense, folder)
-    return model
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # The jobs of a parallel sweep that need the same defended model build it once: the others wait on
+    # the lock, then load it. A sharded run's ranks build together, so only a single process locks.
+    with _build_lock(folder):
+        info_path = folder / "defense_info.json"
+        # rank 0 decides for all: a parallel job may complete the folder between two ranks' looks
+        if distributed.broadcast(info_path.is_file() and verify_manifest(folder) is None):
+            log.info("defended model loaded from the cache %s", folder)
+            cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
+            defense.info = {**json.loads(info_path.read_text()), "cached_from": str(folder)}
+            return cached.to(next(model.parameters()).device)
+        model = defense(model, tokenizer, data)
+        if distributed.is_main():
+            _cache_defended(model, defense, folder)
+        return model
+
+
+def _build_lock(folder: Path):
+    return nullcontext() if distributed.active() else FileLock(str(folder) + ".lock")
 
 
 def use_attack_attention(model, attack_cfg) -> None:

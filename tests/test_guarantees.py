@@ -152,6 +152,30 @@ def test_defended_cache_is_keyed_by_the_input_weights(tiny_path, data, tmp_path)
     assert defense.calls == 2
 
 
+def test_parallel_jobs_build_a_defended_model_once(tiny_path, data, tmp_path):
+    """Two jobs of a sweep that need the same defended model: the second waits on the first's lock,
+    then loads what the first cached instead of training the defense again."""
+    import threading
+    from filelock import FileLock
+    from runner.pipeline import _cache_defended
+    cfg, defense = compose_cfg("defense=rmu"), _CountingDefense()
+    defend(cfg, defense, from_pretrained(tiny_path)[0], None, data, tmp_path)
+    folder = next(p for p in (tmp_path / "defended").iterdir() if p.is_dir())
+    shutil.rmtree(folder)  # the first job is still building: it holds the lock, no folder yet
+    lock, second = FileLock(str(folder) + ".lock"), {}
+    lock.acquire()
+    job = threading.Thread(target=lambda: second.update(
+        model=defend(cfg, defense, from_pretrained(tiny_path)[0], None, data, tmp_path)))
+    job.start()
+    job.join(timeout=2)
+    assert job.is_alive() and defense.calls == 1, "the second job trained while the first held the lock"
+    _cache_defended(defense(from_pretrained(tiny_path)[0], None, data), defense, folder)  # the first finishes
+    lock.release()
+    job.join(timeout=60)
+    assert not job.is_alive() and defense.calls == 2, "the second job trained the defense again"
+    assert second["model"] is not None
+
+
 def test_the_defense_is_built_under_the_default_attention_whatever_the_attack(tmp_path, monkeypatch):
     """A second-order attack runs on eager attention, but the defended model it starts from is built
     under the default kernel: the cache serves one model to every attack of a sweep, and which attack
