@@ -31,6 +31,17 @@ def _jsonable(x):
     return x
 
 
+# Keys whose values are credentials, matched on the key's end, not as a substring: "tokenizers" (a
+# package version) is not a secret, "hub_token" is; a tokenizer's special tokens ("pad_token") are text.
+SECRET_KEY_ENDS = ("token", "api_key", "apikey", "secret", "password", "passwd")
+SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def _secret_key(key: str) -> bool:
+    key = key.lower().replace("-", "_")
+    return key.endswith(SECRET_KEY_ENDS) and not key.endswith(SPECIAL_TOKENS)
+
+
 def redact(obj):
     """Replace any value equal to a secret from the environment (or under a secret-looking key)."""
     secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
@@ -41,7 +52,7 @@ def redact(obj):
         if isinstance(x, list):
             return [walk(v) for v in x]
         if isinstance(x, str):
-            if x and any(s in key.lower() for s in ("api_key", "token", "secret", "password")):
+            if x and _secret_key(key):
                 return "<redacted>"
             for secret in secrets:
                 x = x.replace(secret, "<redacted>")

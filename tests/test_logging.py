@@ -134,3 +134,14 @@ def test_report_logs_the_sweep_tables_to_wandb(offline):
     tables = _tables(wandb_run)
     assert len(tables) == 6  # summary, relearning x3 optimizers, utility, ablations
     assert any(t["columns"][:2] == ["ablation", "defense"] for t in tables.values())
+
+
+def test_redaction_keeps_package_versions_and_special_tokens():
+    """Secret-looking keys are matched on their end: the record's `packages.tokenizers` version and a
+    tokenizer's `pad_token` stay readable, a token or key under its usual names does not."""
+    from harness.record import redact
+    kept = {"packages": {"tokenizers": "0.22.1"}, "tokenizer": {"pad_token": "<pad>"}, "max_tokens": "64"}
+    assert redact(kept) == kept
+    hidden = {"hf_token": "a", "HUB-TOKEN": "b", "token": "c", "wandb": {"api_key": "d"}, "client_secret": "e"}
+    assert set(redact(hidden)["wandb"].values()) == {"<redacted>"}
+    assert {k: v for k, v in redact(hidden).items() if k != "wandb"} == dict.fromkeys(["hf_token", "HUB-TOKEN", "token", "client_secret"], "<redacted>")
