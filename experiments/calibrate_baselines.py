@@ -5,8 +5,8 @@
 For each baseline, one `run.py -m defense=<m> attack=none defense.<knob>=<grid>` sweep (2 jobs, one
 thread each; runs already in --sweeps are reused), then the rule picks a value: the weakest whose
 defended model has hazard <= target_hazard with a utility drop <= max_utility_drop from the
-undefended model. Writes results/calibration.{csv,md}, and says where conf/defense/<m>.yaml declares
-another value.
+undefended model. Writes results/calibration.{csv,md}, and says where the composed config (conf/defense/<m>.yaml,
+and conf/defense_scale/<scale>/<m>.yaml under scale=) declares another value.
 """
 from __future__ import annotations
 
@@ -65,17 +65,18 @@ def main(argv=None) -> int:
         sweep(method, key, grid, args.sweeps / method, args.extra)
         mine = pd.DataFrame(rows_of(method, key, args.sweeps / method)).sort_values("value")
         value, met = choose(mine, rules["target_hazard"], rules["max_utility_drop"])
-        declared = float(compose_config([f"defense={method}"]).defense[key])
+        declared = float(compose_config([f"defense={method}", *args.extra]).defense[key])
         mine["chosen"] = mine["value"] == value
         rows.append(mine)
         summary.append({"defense": method, "knob": key, "chosen": value, "meets target": met,
-                        "declared in conf/defense": declared, "agrees": math.isclose(declared, value)})
+                        "declared in the config": declared, "agrees": math.isclose(declared, value)})
     df, table = pd.concat(rows, ignore_index=True), pd.DataFrame(summary)
     notes = [f"Rule (conf/calibration/baselines.yaml): the weakest grid value with hazard <= "
              f"{rules['target_hazard']} and a utility drop <= {rules['max_utility_drop']} from the undefended "
              "model; where none meets it, the lowest hazard within the utility bound (meets target: false).",
              "## Chosen values\n\n" + table.to_markdown(index=False)]
-    write_table(df, args.out, "Baseline strength on the embedded default, by rule", notes,
+    where = f"under {' '.join(args.extra)}" if args.extra else "on the embedded default"
+    write_table(df, args.out, f"Baseline strength {where}, by rule", notes,
                 command=script_command("experiments.calibrate_baselines", argv))
     print(df.to_string(index=False))
     print(table.to_string(index=False))

@@ -34,9 +34,10 @@ from harness.manifest import write_manifest
 from harness.models import tiny_spec
 from experiments.common import compose_config
 
-# The models the repository ships: the default one, and the two the tests need besides it
-# (tests/conftest.py: naive_cfg, byline_cfg).
-MODELS = {"default": [], "naive": ["model.spec.exclude_splits=[1]"], "bylines": ["data.world.bylines=true"]}
+# The models the repository ships: the default one, the two the tests need besides it
+# (tests/conftest.py: naive_cfg, byline_cfg), and scale=documents' (conf/scale/documents.yaml).
+MODELS = {"default": [], "naive": ["model.spec.exclude_splits=[1]"], "bylines": ["data.world.bylines=true"],
+          "documents": ["scale=documents"]}
 # The reproducible prefix that CI recomputes (tests/test_backbone.py): the recipe's first PREFIX_STEPS
 # steps, same schedule. 300 steps run every part of the recipe's code: the 100 warm-up steps, the cosine
 # decay after them, gradient clipping and several epochs of the seeded shuffle (an epoch of the default
