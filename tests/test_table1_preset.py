@@ -65,6 +65,16 @@ def test_at_paper_scale_the_preset_composes_and_every_optimizer_runs_the_papers_
         name: {1e-6, 1e-5, 3e-5} for name in PAPER_OPTIMIZERS}
 
 
+def test_on_the_documents_world_the_preset_runs_the_tiny_grids_on_its_own_model_and_data():
+    """scale=documents: Table 1 on the sturdier world, same grids, its own world, model and results."""
+    jobs = preset_jobs("scale=documents")
+    assert len(jobs) == 7 * len(OPTIMIZERS) * 4
+    assert job_lrs(jobs, "scale=documents", steps=150) == {name: documented_grid(name) for name in OPTIMIZERS}
+    cfg = compose_cfg("experiment=table1", "scale=documents")
+    assert (cfg.data.world.documents, cfg.data.max_length, cfg.model.spec.max_position_embeddings) == (6, 64, 64)
+    assert compose_cfg("experiment=table1").data.world.documents == 0
+
+
 def test_an_optimizer_without_a_grid_or_a_rank_past_it_is_named():
     with pytest.raises(ConfigError, match=r"attack=lion with experiment=table1: no learning-rate grid table1.grids.tiny.lion"):
         validate(compose_cfg("experiment=table1", "attack=lion"))
