@@ -60,8 +60,10 @@ def main(argv=None) -> int:
     parser.add_argument("extra", nargs="*", help="Hydra overrides added to every run")
     args = parser.parse_args(argv)
     rows, summary = [], []
+    scale = compose_config(args.extra).scale.name
+    knobs = {**rules["knobs"], **rules.get("scales", {}).get(scale, {})}
     for method in args.methods:
-        key, grid = rules["knobs"][method]["key"], rules["knobs"][method]["grid"]
+        key, grid = knobs[method]["key"], knobs[method]["grid"]
         sweep(method, key, grid, args.sweeps / method, args.extra)
         mine = pd.DataFrame(rows_of(method, key, args.sweeps / method)).sort_values("value")
         value, met = choose(mine, rules["target_hazard"], rules["max_utility_drop"])
