@@ -46,8 +46,6 @@ def check_vision(cfg: DictConfig) -> None:
         # experiment=vision sets the relearning attack's keys, which NoAttack does not take
         raise ConfigError("attack=none with image data: allowed attack.steps=0 (any attack= scores the defended "
                           "model without fine-tuning it)")
-    if OmegaConf.select(cfg, "attack.peft") is not None:
-        raise ConfigError("attack.peft with image data: allowed null (LoRA on the ViT is not wired yet)")
     world, spec = world_and_spec(cfg)  # an unknown class name or a bad spec stops here, in one line
     check_spec(spec, world)
 
