@@ -48,6 +48,8 @@ def scan_image_folder(path, hazard, eval_fraction: float = 0.2, seed: int = 0,
     folder, no class subfolders, no images (in the folder or in one class), a hazard name it lacks."""
     if not isinstance(path, str) or not path:
         raise ConfigError(f"data.path={path!r}: allowed a folder of class subfolders (<path>/<class>/*.jpg)")
+    if max_per_class is not None and not (isinstance(max_per_class, int) and max_per_class >= 1):
+        raise ConfigError(f"data.max_per_class={max_per_class!r}: allowed null or an integer >= 1")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.path={path!r}: no such folder; allowed a folder of class subfolders")

@@ -149,6 +149,8 @@ def _bad_checkpoints(root: Path, checkpoint: Path) -> dict[str, Path]:
     ("headless", r"model.path='.*': its weights lack a classification head \(classifier.weight\)"),
     ("imagenet_norm", r"model.path='.*': preprocessor_config.json image_mean=\[0.485, 0.456, 0.406\]; allowed 0.5"),
     ("remote_code", r"model.trust_remote_code=true with image data: allowed false"),
+    ("max_per_class", r"data.max_per_class=0: allowed null or an integer >= 1"),
+    ("eval_fraction", r"data.eval_fraction=1.5: allowed a number in \(0, 1\)"),
 ])
 def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, checkpoint, folder, case, message):
     import runner.vision as vision
@@ -173,6 +175,10 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, chec
         extra = ["data.hazard=[cross,skull]"]
     elif case == "remote_code":
         extra = ["model.trust_remote_code=true"]
+    elif case == "max_per_class":
+        extra = ["data.max_per_class=0"]
+    elif case == "eval_fraction":
+        data, extra = write_folder(tmp_path / "flat", split_folders=False, per_class=3), ["data.eval_fraction=1.5"]
     elif case != "ok":
         model = _bad_checkpoints(tmp_path, checkpoint)[case]
     cfg = compose_cfg(*real_scale(model, data, *extra), f"paths.output_root={tmp_path}")
