@@ -194,3 +194,24 @@ def test_run_py_prints_a_bad_folder_in_one_line(tmp_path, checkpoint):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data.path='{empty}': no class subfolders")
+
+
+def test_a_checkpoint_runs_on_the_glyph_world_too(tmp_path, checkpoint):
+    """model=vit on data=synthetic_images: the saved naive tiny ViT, scored as the tiny one is (every class known)."""
+    from runner.vision import run
+    record = run(compose_cfg("experiment=vision", "model=vit", f"model.path={checkpoint}", "model.device=cpu",
+                             "attack.steps=0", f"paths.output_root={tmp_path}", "threads=1"), tmp_path / "run")
+    assert record["head"]["new"] == [] and len(record["head"]["kept"]) == 8
+    base = record["metrics"]["base"]
+    assert base["hazard_acc"] <= 0.05 and base["utility_acc"] >= 0.95  # never saw the hazard classes
+
+
+def test_a_checkpoint_of_another_input_size_is_refused_on_the_glyph_world(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+    from runner.vision import run
+    ViTForImageClassification(ViTConfig(image_size=64, patch_size=16, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path / "vit64")
+    cfg = compose_cfg("experiment=vision", "model=vit", f"model.path={tmp_path / 'vit64'}", f"paths.output_root={tmp_path}")
+    with pytest.raises(ConfigError, match=r"\(image_size 64\) with data=synthetic_images \(32x32 glyphs\): allowed "
+                                          r"data=image_folder"):
+        run(cfg, tmp_path / "run")
