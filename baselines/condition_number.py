@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import BATCH_SIZE, LR, STEPS, TermLog, rules_hook, run_info, zip_batches
+from baselines.common import BATCH_SIZE, LR, STEPS, TermLog, only_train, rules_hook, run_info, zip_batches
 from harness.errors import ConfigError
 from harness.images import ImageData, image_batches, pixel_values
 from harness.rules import non_negative, non_negative_int, positive, unit_interval
@@ -129,6 +129,8 @@ class ConditionNumber:
     check_config = rules_hook(STEPS, BATCH_SIZE, LR, ("lambda_well", non_negative, "a number >= 0"),
                               ("lambda_ill", non_negative, "a number >= 0"), ("lambda_diag", positive, "a number > 0"),
                               ("momentum", unit_interval, "a number in [0, 1]"),
+                              ("weight_decay", non_negative, "a number >= 0"),
+                              ("head_weight_decay", non_negative, "a number >= 0"),
                               ("label_smoothing", unit_interval, "a number in [0, 1]"),
                               ("last_blocks", non_negative_int, "an integer >= 0"),
                               ("dtype", lambda d: d in DTYPES, "float64 or float32"))
@@ -186,21 +188,15 @@ class ConditionNumber:
         opt = torch.optim.SGD([{"params": extractor, "weight_decay": self.weight_decay},
                                {"params": head, "weight_decay": self.head_weight_decay}],
                               lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
-        flags = {p: p.requires_grad for p in model.parameters()}
-        model.requires_grad_(False)
-        for p in extractor + head:
-            p.requires_grad_(True)
         terms = TermLog()
-        try:
+        with only_train(model, extractor + head):  # the attack that follows sees the model's own trainable set
             result = train_loop(model, batches, lambda m, b: self.loss(m, terms, b), [opt], steps=self.steps,
                                 desc="defense condition_number", progress=False)
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
         after = self.conditioning(model, data)
         model.to(original_dtype)
         gap = (after["hazard"] - before["hazard"]) - (after["benign"] - before["benign"])
-        self.info = run_info(t0, {"train": result}, terms, forget_classes=[data.world.hazard[s] for s in self.forget_splits],
+        self.info = run_info(t0, {"train": result}, terms,
+                             forget_classes=[data.world.hazard[s] for s in self.forget_splits],
                              trained_parameters=sum(p.numel() for p in extractor + head),
                              log10_cond_before=before, log10_cond_after=after, log10_immunization_gap=gap,
                              immunization_gap=math.pow(10, gap) if gap < 300 else float("inf"))
