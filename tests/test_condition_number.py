@@ -73,8 +73,11 @@ def test_bad_config_stops_before_any_model_loads(tmp_path, override, message):
         vision_run(tmp_path, "defense=condition_number", override)
 
 
-def test_specdef_over_condition_number_composes():
-    from hydra.utils import instantiate
-    from tests.conftest import compose_cfg
-    defense = instantiate(compose_cfg("experiment=vision", "defense=specdef_vit_cn").defense)
-    assert (defense.base, defense.layers) == ("condition_number", ["vit.layers.*.mlp.fc2"])
+def test_specdef_over_condition_number_turns_fine_tuning_into_a_dagger(tmp_path):
+    """Adam at 1e-3 relearns the immunized ViT (recovered at step 70); with SpecDef over it, a † at step 10."""
+    record = vision_run(tmp_path, NAIVE, "defense=specdef_vit_cn", "attack=adam", "lr=1e-3", "attack.steps=20",
+                        "attack.recover_threshold=0.9")
+    assert record["defense"]["base"]["name"] == "condition_number"
+    assert record["defense"]["base"]["log10_immunization_gap"] >= 0.7
+    assert record["defense"]["layers_matched"] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
+    assert record["attack"]["outcome"]["kind"] == "diverged" and record["attack"]["outcome"]["step"] == 10

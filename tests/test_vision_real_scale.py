@@ -23,7 +23,7 @@ from tests.conftest import CACHE_DIR, compose_cfg
 REPO = Path(__file__).resolve().parents[1]
 # glyph shape -> class folder name: "star" is a name the checkpoint does not know (a new head row)
 FOLDERS = {"disk": "disk", "square": "square", "cross": "cross", "saltire": "star"}
-SIZES = ["defense.steps=2", "attack.steps=4", "attack.eval_every=2", "attack.batch_size=16",
+SIZES = ["attack.steps=4", "attack.eval_every=2", "attack.batch_size=16",
          "attack.checkpoint_every=null", "eval.batch_size=64", "threads=1"]
 
 
@@ -66,7 +66,7 @@ def real_scale(checkpoint, folder, *overrides) -> list[str]:
 def test_run_py_rehearses_the_real_scale_path(tmp_path, checkpoint, folder):
     """python run.py with a saved ViT checkpoint and an image folder: condition-number immunization with its
     authors' values, then a short Adam attack on the hazard classes; the record says how the head was fitted."""
-    args = real_scale(checkpoint, folder, "defense=condition_number", "attack=adam", "lr=1e-3", *SIZES,
+    args = real_scale(checkpoint, folder, "defense=condition_number", "defense.steps=2", "attack=adam", "lr=1e-3", *SIZES,
                       f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -80,6 +80,22 @@ def test_run_py_rehearses_the_real_scale_path(tmp_path, checkpoint, folder):
     base = record["metrics"]["base"]
     assert base["acc/disk"] == base["acc/square"] == 1.0 and base["utility_acc"] == 1.0  # the benign classes kept
     assert set(base) >= {"acc/cross", "acc/star", "hazard_acc"}
+
+
+def test_run_py_rehearses_specdef_over_immunization_against_lora(tmp_path, checkpoint, folder):
+    """SpecDef at paper scale (float32 release, strict drift) over condition_number with its paper values, and a
+    LoRA attack whose adapters sit around the defended layers."""
+    args = real_scale(checkpoint, folder, "defense=specdef_vit_cn", "+defense.base_overrides.steps=2",
+                      "attack/peft=lora", "attack=adam", "lr=1e-2", *SIZES, f"paths.output_root={tmp_path}",
+                      f"hydra.run.dir={tmp_path / 'run'}")
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    defense = record["defense"]
+    assert (defense["alpha"], defense["release_dtype"], defense["base"]["name"]) == (1e4, "float32", "condition_number")
+    assert defense["base"]["train_steps"] == 2 and record["config"]["defense"]["strict_drift"] is True
+    assert defense["drift"]["rel_logit_error"] < 1e-2
+    assert record["attack"]["extra"]["lora_defended_layers"] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
 
 
 def test_a_flat_folder_is_split_by_its_seed(tmp_path):
