@@ -81,3 +81,13 @@ def test_specdef_over_condition_number_turns_fine_tuning_into_a_dagger(tmp_path)
     assert record["defense"]["base"]["log10_immunization_gap"] >= 0.7
     assert record["defense"]["layers_matched"] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
     assert record["attack"]["outcome"]["kind"] == "diverged" and record["attack"]["outcome"]["step"] == 10
+
+
+def test_the_immunization_preset_runs_on_the_naive_vit():
+    from tests.conftest import compose_cfg
+    for attack, grid in {"sgd": [3e-3, 1e-2], "adam": [3e-4, 1e-3]}.items():
+        for rank, lr in enumerate(grid):
+            cfg = compose_cfg("experiment=vision_immunization", f"attack={attack}", f"vision_table.lr_rank={rank}")
+            assert cfg.lr == pytest.approx(lr) and list(cfg.model.spec.exclude_hazard) == [0, 1]
+    cfg = compose_cfg("experiment=vision_immunization", "defense=specdef_vit_cn")
+    assert cfg.defense.base == "condition_number" and cfg.attack.recover_threshold == 0.9
