@@ -36,7 +36,7 @@ from torch import nn
 from baselines.common import BATCH_SIZE, LR, STEPS, TermLog, only_train, rules_hook, run_info, zip_batches
 from harness.errors import ConfigError
 from harness.images import ImageData, image_batches, pixel_values
-from harness.rules import non_negative, non_negative_int, positive, unit_interval
+from harness.rules import MISSING, get, non_negative, non_negative_int, positive, unit_interval
 from harness.train import train_loop
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class ConditionNumber:
     """`defense=condition_number` (conf/defense/condition_number.yaml; the authors' ViT values at
     scale=paper in conf/defense_scale/paper/condition_number.yaml)."""
     name = "condition_number"
-    check_config = rules_hook(STEPS, BATCH_SIZE, LR, ("lambda_well", non_negative, "a number >= 0"),
+    rules = rules_hook(STEPS, BATCH_SIZE, LR, ("lambda_well", non_negative, "a number >= 0"),
                               ("lambda_ill", non_negative, "a number >= 0"), ("lambda_diag", positive, "a number > 0"),
                               ("momentum", unit_interval, "a number in [0, 1]"),
                               ("weight_decay", non_negative, "a number >= 0"),
@@ -134,6 +134,14 @@ class ConditionNumber:
                               ("label_smoothing", unit_interval, "a number in [0, 1]"),
                               ("last_blocks", non_negative_int, "an integer >= 0"),
                               ("dtype", lambda d: d in DTYPES, "float64 or float32"))
+
+    @classmethod
+    def check_config(cls, cfg, node, key: str) -> None:
+        """Its own values, and image data: R_ill and R_well read a classifier head's input features."""
+        cls.rules(cfg, node, key)
+        if get(cfg, "data") is not MISSING and get(cfg, "data.kind") != "images":
+            raise ConfigError(f"defense=condition_number with data={get(cfg, 'data.name')}: allowed image data "
+                              "(experiment=vision)")
 
     def __init__(self, lambda_well: float, lambda_ill: float, lr: float, steps: int, batch_size: int,
                  momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,

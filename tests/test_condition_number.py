@@ -91,3 +91,10 @@ def test_the_immunization_preset_runs_on_the_naive_vit():
             assert cfg.lr == pytest.approx(lr) and list(cfg.model.spec.exclude_hazard) == [0, 1]
     cfg = compose_cfg("experiment=vision_immunization", "defense=specdef_vit_cn")
     assert cfg.defense.base == "condition_number" and cfg.attack.recover_threshold == 0.9
+
+
+def test_text_data_is_refused_before_any_model_loads():
+    from runner.validate import validate
+    from tests.conftest import compose_cfg
+    with pytest.raises(ConfigError, match=r"defense=condition_number with data=synthetic: allowed image data"):
+        validate(compose_cfg("defense=condition_number"))

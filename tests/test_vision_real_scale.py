@@ -231,3 +231,11 @@ def test_a_checkpoint_of_another_input_size_is_refused_on_the_glyph_world(tmp_pa
     with pytest.raises(ConfigError, match=r"\(image_size 64\) with data=synthetic_images \(32x32 glyphs\): allowed "
                                           r"data=image_folder"):
         run(cfg, tmp_path / "run")
+
+
+def test_the_tiny_vit_is_refused_on_an_image_folder(tmp_path, folder):
+    from runner.vision import run
+    cfg = compose_cfg("experiment=vision", "data=image_folder", f"data.path={folder}", "data.hazard=[cross]",
+                      f"paths.output_root={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model=tiny_vit with data=image_folder: allowed data=synthetic_images"):
+        run(cfg, tmp_path / "run")
