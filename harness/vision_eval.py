@@ -20,7 +20,8 @@ from harness.images import ImageData, pixel_values
 def logits_of(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    out = torch.cat([model(pixel_values=pixel_values(images[i:i + batch_size])).logits.float()
+    device = next(model.parameters()).device  # the images stay on the CPU; each batch goes to the model
+    out = torch.cat([model(pixel_values=pixel_values(images[i:i + batch_size]).to(device)).logits.float().cpu()
                      for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return out

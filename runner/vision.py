@@ -1,4 +1,8 @@
-"""The vision track's run: image world -> tiny ViT -> defense -> relearning attack -> evaluation -> record.
+"""The vision track's run: ViT -> images -> defense -> relearning attack -> evaluation -> record.
+
+The ViT is the cached tiny one (model=tiny_vit) or any HF ViT classifier (model=vit model.path=<folder>), the
+images the embedded glyph world (data=synthetic_images) or a local image folder (data=image_folder
+data.path=<folder>); a checkpoint's head is fitted to the run's classes (harness/hf_vit.py).
 
 `run.py` sends every config whose data is the image world (`data.kind: images`, e.g. `experiment=vision`)
 here instead of runner/pipeline.py: the steps and the record are the pipeline's, and the defense and the
@@ -16,7 +20,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
-from harness.images import image_data
+from harness.hf_vit import check_vit_checkpoint, fit_head, load_hf_vit
+from harness.image_folder import folder_data, scan_image_folder
+from harness.images import SIZE, ImageData, image_data
 from harness.outcome import recovered_step
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, write_json_atomic
 from harness.tiny_vit import check_spec, ensure_tiny_vit, load_tiny_vit, spec_from_dict, world_from_dict
@@ -33,23 +39,48 @@ def is_vision(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "data.kind") == "images"
 
 
+MODELS = ("tiny_vit", "hf_vit")             # model=tiny_vit | model=vit (model.path: any HF ViT classifier)
+DATA = ("synthetic_images", "image_folder")  # the embedded glyph world | data=image_folder data.path=<folder>
+
+
 def check_vision(cfg: DictConfig) -> None:
-    """What the vision track cannot take yet, in one line each, before any work."""
+    """What the vision track cannot take, in one line each, before any work: also a bad image folder or
+    checkpoint (no images, no safetensors, not a ViT classifier, a hazard class the folder lacks)."""
     if cfg.get("plan"):
         raise ConfigError("plan=true with image data: allowed false (the memory plan knows causal LMs only)")
-    source = OmegaConf.select(cfg, "model.source")
-    if source != "tiny_vit":
-        raise ConfigError(f"model.source={source!r} with image data: allowed tiny_vit (model=tiny_vit)")
+    source, data = OmegaConf.select(cfg, "model.source"), OmegaConf.select(cfg, "data.name")
+    if source not in MODELS:
+        raise ConfigError(f"model.source={source!r} with image data: allowed tiny_vit (model=tiny_vit) or hf_vit "
+                          "(model=vit model.path=<folder>)")
+    if data not in DATA:
+        raise ConfigError(f"data={data} with image data: allowed synthetic_images or image_folder")
     if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
         raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with image data: allowed dist=none")
     if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
         # experiment=vision sets the relearning attack's keys, which NoAttack does not take
         raise ConfigError("attack=none with image data: allowed attack.steps=0 (any attack= scores the defended "
                           "model without fine-tuning it)")
-    if OmegaConf.select(cfg, "attack.peft") is not None:
-        raise ConfigError("attack.peft with image data: allowed null (LoRA on the ViT is not wired yet)")
-    world, spec = world_and_spec(cfg)  # an unknown class name or a bad spec stops here, in one line
-    check_spec(spec, world)
+    if source == "tiny_vit":
+        if data != "synthetic_images":
+            raise ConfigError(f"model=tiny_vit with data={data}: allowed data=synthetic_images (the tiny ViT knows only "
+                              "the glyph world); for a folder, model=vit model.path=<a ViT checkpoint folder>")
+        world, spec = world_and_spec(cfg)  # an unknown class name or a bad spec stops here, in one line
+        check_spec(spec, world)
+        return
+    config = check_vit_checkpoint(cfg.model.path, bool(OmegaConf.select(cfg, "model.trust_remote_code")))
+    if data == "synthetic_images":
+        world_from_dict(OmegaConf.to_container(cfg.data.world, resolve=True))
+        if config.get("image_size") != SIZE:
+            raise ConfigError(f"model.path={cfg.model.path!r} (image_size {config.get('image_size')}) with "
+                              f"data=synthetic_images ({SIZE}x{SIZE} glyphs): allowed data=image_folder, whose "
+                              "images are resized to the checkpoint's image_size")
+    else:
+        folder_world(cfg)
+
+
+def folder_world(cfg: DictConfig):
+    d = cfg.data
+    return scan_image_folder(d.path, list(d.hazard or []), d.eval_fraction, d.seed, d.max_per_class)
 
 
 def world_and_spec(cfg: DictConfig):
@@ -58,8 +89,18 @@ def world_and_spec(cfg: DictConfig):
 
 
 def load_vit(cfg: DictConfig, cache_dir: Path):
+    """The run's ViT: the cached tiny one (pretrained on the glyph world if need be), or model.path's."""
+    if cfg.model.source == "hf_vit":
+        return load_hf_vit(cfg.model.path, cfg.model.dtype, cfg.model.device)
     model = load_tiny_vit(ensure_tiny_vit(*world_and_spec(cfg), cache_dir))
     return model.to(dtype=getattr(torch, cfg.model.dtype), device=cfg.model.device)
+
+
+def load_data(cfg: DictConfig, model) -> ImageData:
+    """The glyph world, or the image folder at the model's input size."""
+    if cfg.data.name == "image_folder":
+        return folder_data(folder_world(cfg), int(model.config.image_size))
+    return image_data(world_from_dict(OmegaConf.to_container(cfg.data.world, resolve=True)))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -99,10 +140,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def execute(cfg: DictConfig, checkpoint_dir: Path, logger) -> dict:
     """World, model, defense, attack: the record's timings, metrics, defense and attack."""
     timings: dict = {}
-    with timed(timings, "data"):
-        data = image_data(world_and_spec(cfg)[0])
     with timed(timings, "load_model"):
         model = load_vit(cfg, Path(cfg.paths.cache_dir).expanduser())
+    with timed(timings, "data"):
+        data = load_data(cfg, model)
+    # a checkpoint's head answers the run's classes: known ones keep their rows, unknown ones start at zero
+    head = fit_head(model, data.classes) if cfg.model.source == "hf_vit" else None
     evaluator = VisionEvaluator(data, cfg.eval.limit, cfg.eval.batch_size)
     with timed(timings, "eval_base"):
         base = evaluator(model)
@@ -119,5 +162,6 @@ def execute(cfg: DictConfig, checkpoint_dir: Path, logger) -> dict:
         result = attack(model, None, data, evaluator, start=pre, threshold=threshold,
                         on_eval=lambda point: logger.log(point, step=point["step"]), checkpoint_dir=checkpoint_dir)
     return {"timings": timings, "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final},
+            **({"head": head} if head is not None else {}),
             "defense": {"name": defense.name, **defense.info},
             "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()}}

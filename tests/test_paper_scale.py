@@ -24,6 +24,9 @@ PAPER = {
             "batch_size": 4, "grad_accum": 8, "warmup_epochs": 1, "max_grad_norm": 1.0},
     "class_npo": {"beta": 0.1, "npo_coeff": 1.0, "retain_coeff": 1.0, "lr": 1e-5, "weight_decay": 0.01,
                   "batch_size": 4, "grad_accum": 8, "warmup_epochs": 1, "max_grad_norm": 1.0},
+    "condition_number": {"lambda_well": 3e-6, "lambda_ill": 3e8, "lambda_diag": 1e-6, "lr": 1e-5, "momentum": 0.9,
+                         "nesterov": True, "weight_decay": 0.0, "head_weight_decay": 2e-5, "label_smoothing": 0.1,
+                         "last_blocks": 1, "dtype": "float64", "steps": 254, "batch_size": 64},
     "repnoise": {"alpha": 1, "beta": 0.001, "lr": 1e-4, "batch_size": 4, "warmup_ratio": 0.1},
     "elm": {"lora_layers": [4, 5, 6, 7], "lora_r": 256, "lora_alpha": 16, "lora_dropout": 0.05, "eta": 1000,
             "top_k": 50, "temperature": 1.2, "gamma": 3, "erase_coeff": 1, "retain_coeff": 1,
@@ -35,7 +38,8 @@ PAPER = {
 }
 SPECDEF_PAPER = {"alpha": 1e4, "dtype": "float32", "strict_drift": True, "base_scale": "paper"}
 SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm",
-                    "specdef_vit": None, "specdef_vit_npo": "class_npo"}
+                    "specdef_vit": None, "specdef_vit_npo": "class_npo",
+                    "specdef_vit_cn": "condition_number"}
 DEFENSES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "defense").glob("*.yaml"))
 
 
