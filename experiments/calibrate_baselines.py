@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         key, grid = knobs[method]["key"], knobs[method]["grid"]
         sweep(method, key, grid, args.sweeps / method, args.extra)
-        mine = pd.DataFrame(rows_of(method, key, args.sweeps / method)).sort_values("value")
+        # a grid extended later leaves the same value's run under an older job folder too: one row per value
+        mine = pd.DataFrame(rows_of(method, key, args.sweeps / method)).drop_duplicates("value").sort_values("value")
         value, met = choose(mine, rules["target_hazard"], rules["max_utility_drop"])
         declared = float(compose_config([f"defense={method}", *args.extra]).defense[key])
         mine["chosen"] = mine["value"] == value
