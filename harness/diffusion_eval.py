@@ -114,7 +114,9 @@ def save_grid(panels: dict[str, torch.Tensor | None], classes: tuple[str, ...], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shown = {title: s for title, s in panels.items() if s is not None}
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+    cols = len(next(iter(shown.values()))) / len(classes)
+    fig, axes = plt.subplots(1, len(shown), figsize=(len(shown) * (0.3 * cols + 0.8), 0.3 * len(classes) + 0.6),
+                             squeeze=False)
     for ax, (title, samples) in zip(axes[0], shown.items()):
         ax.imshow(_tile(samples.nan_to_num(), len(classes)), interpolation="nearest")
         ax.set_title(title, fontsize=10)
