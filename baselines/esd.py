@@ -26,15 +26,23 @@ import time
 import torch
 import torch.nn.functional as F
 
-from baselines.common import BATCH_SIZE, LR, TermLog, frozen_copy, only_train, rules_hook, run_info
+from baselines.common import BATCH_SIZE, LR, TermLog, frozen_copy, only_train, run_info
 from harness.diffusion import DiffusionData
 from harness.errors import ConfigError
-from harness.rules import non_negative, one_of, positive_int
+from harness.rules import MISSING, Rule, check_rules, get, non_negative, one_of, positive_int
 from harness.train import train_loop
 
 log = logging.getLogger(__name__)
 TRAIN_METHODS = ("noxattn", "xattn", "selfattn", "full")
 CONDITION_READERS = ("class_embedding", "time_emb_proj")  # the UNet2DModel's analogue of cross-attention
+# ESD's own keys (harness/rules.py), checked before any model loads (`ESD.check_config`)
+RULES: list[Rule] = [
+    ("iterations", positive_int, "an integer >= 1"), BATCH_SIZE, LR,
+    ("negative_guidance", non_negative, "a number >= 0"),
+    ("start_guidance", non_negative, "a number >= 0"),
+    ("ddim_steps", positive_int, "an integer >= 1"),
+    ("train_method", one_of(*TRAIN_METHODS), ", ".join(TRAIN_METHODS)),
+]
 
 
 def esd_parameters(model: torch.nn.Module, train_method: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -59,11 +67,15 @@ class ESD:
     forget_splits: the hazard classes to erase (indices into data.world.hazard), one drawn per x_t.
     """
     name = "esd"
-    check_config = rules_hook(("iterations", positive_int, "an integer >= 1"), BATCH_SIZE, LR,
-                              ("negative_guidance", non_negative, "a number >= 0"),
-                              ("start_guidance", non_negative, "a number >= 0"),
-                              ("ddim_steps", positive_int, "an integer >= 1"),
-                              ("train_method", one_of(*TRAIN_METHODS), ", ".join(TRAIN_METHODS)))
+
+    @staticmethod
+    def check_config(cfg, node, key: str) -> None:
+        """Its keys, and the concept's classes against the run's world, before any model loads."""
+        check_rules(node, RULES, f"{key}.")
+        hazard = get(cfg, "data.world.hazard")
+        splits = node.get("forget_splits")
+        if hazard is not MISSING and splits is not None:
+            _check_splits(list(splits), list(hazard))
 
     def __init__(self, negative_guidance: float = 1.0, start_guidance: float = 3.0, train_method: str = "noxattn",
                  lr: float = 1e-5, iterations: int = 1000, batch_size: int = 1, ddim_steps: int = 50,
@@ -78,10 +90,7 @@ class ESD:
     def concept_labels(self, data) -> list[int]:
         if not isinstance(data, DiffusionData):
             raise ConfigError(f"defense=esd on {type(data).__name__}: allowed a diffusion world (experiment=diffusion)")
-        bad = [s for s in self.forget_splits if not (isinstance(s, int) and 0 <= s < len(data.world.hazard))]
-        if bad or not self.forget_splits:
-            raise ConfigError(f"defense.forget_splits={self.forget_splits}: allowed a non-empty list of indices "
-                              f"0..{len(data.world.hazard) - 1} of the hazard classes {list(data.world.hazard)}")
+        _check_splits(self.forget_splits, list(data.world.hazard))
         return [data.hazard_labels[s] for s in self.forget_splits]
 
     def batches(self, ref: torch.nn.Module, data: DiffusionData, concepts: list[int]):
@@ -129,6 +138,12 @@ class ESD:
                              erased_classes=[data.classes[c] for c in concepts])
         log.info("esd: %s", self.info)
         return model
+
+
+def _check_splits(splits: list, hazard: list) -> None:
+    if not splits or any(not (isinstance(s, int) and 0 <= s < len(hazard)) for s in splits):
+        raise ConfigError(f"defense.forget_splits={splits}: allowed a non-empty list of indices "
+                          f"0..{len(hazard) - 1} of the hazard classes {hazard}")
 
 
 def _both(model, x, t, c, u) -> tuple[torch.Tensor, torch.Tensor]:
