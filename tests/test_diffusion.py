@@ -168,3 +168,23 @@ def test_diffusion_table_preset_composes():
     assert (defense.base, defense.alpha) == ("esd", 1e4)
     paper = instantiate(compose_cfg("experiment=diffusion", "defense=esd", "scale=paper").defense)
     assert (paper.lr, paper.iterations, paper.negative_guidance, paper.ddim_steps) == (1e-5, 1000, 1.0, 50)
+
+
+def test_the_table_report_copies_each_jobs_sample_grid(tmp_path, monkeypatch):
+    """experiment=diffusion_table's sweep-end callback: the report, plus grids/<defense>_<attack>_lr<lr>.png."""
+    import json
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from tests.conftest import CONF_DIR
+    from tests.test_report import make_record
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    (job / "result.json").write_text(json.dumps(make_record("esd", "adam", 1e-3, final=0.9)))
+    (job / "samples.png").write_bytes(b"png")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=diffusion_table", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                           "+hydra.callbacks.report.plots=false"], return_hydra_config=True)
+    instantiate(cfg.hydra.callbacks.report).on_multirun_end(cfg)
+    out = tmp_path / "results" / "diffusion_tiny"
+    assert (out / "summary.md").is_file() and (out / "grids" / "esd_adam_lr0.001.png").read_bytes() == b"png"
