@@ -160,7 +160,7 @@ def test_run_py_refuses_an_unknown_concept_in_one_line(tmp_path):
 def test_diffusion_table_preset_composes():
     from hydra.utils import instantiate
     from tests.conftest import compose_cfg
-    for attack, grid in {"sgd": [1e-1, 3e-1], "adam": [3e-4, 1e-3]}.items():
+    for attack, grid in {"sgd": [3e-2, 1e-1], "adam": [3e-4, 1e-3]}.items():
         for rank, lr in enumerate(grid):
             cfg = compose_cfg("experiment=diffusion_table", f"attack={attack}", f"diffusion_table.lr_rank={rank}")
             assert cfg.lr == pytest.approx(lr) and cfg.data.kind == "diffusion"
