@@ -107,25 +107,35 @@ class DiffusionEvaluator:
                 **per_class}
 
 
-def save_grid(panels: dict[str, torch.Tensor | None], classes: tuple[str, ...], path) -> None:
+def save_grid(panels: dict[str, torch.Tensor | None], classes: tuple[str, ...], path, columns: int = 8) -> None:
     """A PNG of sample panels side by side (title -> samples in [-1, 1], class by class as
-    `DiffusionEvaluator.labels` orders them): one row per class, one column per draw."""
+    `DiffusionEvaluator.labels` orders them): one row per class, its first `columns` draws. Saved with a
+    256-colour palette (a third of the bytes of RGB: the glyphs' noise and textures compress badly)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shown = {title: s for title, s in panels.items() if s is not None}
-    cols = len(next(iter(shown.values()))) / len(classes)
-    fig, axes = plt.subplots(1, len(shown), figsize=(len(shown) * (0.3 * cols + 0.8), 0.3 * len(classes) + 0.6),
+    from PIL import Image
+    shown = {title: _first_draws(s, len(classes), columns) for title, s in panels.items() if s is not None}
+    fig, axes = plt.subplots(1, len(shown), figsize=(len(shown) * (0.3 * columns + 0.9), 0.3 * len(classes) + 0.6),
                              squeeze=False)
     for ax, (title, samples) in zip(axes[0], shown.items()):
         ax.imshow(_tile(samples.nan_to_num(), len(classes)), interpolation="nearest")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         size = samples.shape[-1]
         ax.set_yticks([size * (i + 0.5) for i in range(len(classes))], classes, fontsize=8)
         ax.set_xticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.canvas.draw()
+    image = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
     plt.close(fig)
+    image.quantize(256).save(path, optimize=True)
+
+
+def _first_draws(samples: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """The first `columns` draws of each of `rows` classes (samples are ordered class by class)."""
+    per_class = len(samples) // rows
+    keep = min(columns, per_class)
+    return samples.reshape(rows, per_class, *samples.shape[1:])[:, :keep].reshape(rows * keep, *samples.shape[1:])
 
 
 def _tile(samples: torch.Tensor, rows: int):
