@@ -63,6 +63,17 @@ def check_diffusion(cfg: DictConfig) -> None:
     world, spec, classifier = parts(cfg)  # an unknown class name or a bad spec stops here, in one line
     check_spec(spec)
     check_vit_spec(classifier, world)
+    check_attack_data(OmegaConf.to_container(cfg.attack.data, resolve=True), world.hazard)
+
+
+def check_attack_data(data: dict, hazard) -> None:
+    """The attacker's images, as DiffusionData.attack_batches draws them, checked before the defense trains."""
+    source, splits = data.get("source"), list(data.get("splits") or [])
+    if source not in ("forget", "retain"):
+        raise ConfigError(f"attack.data.source={source!r}: allowed forget or retain for the diffusion world")
+    if source == "forget" and (not splits or any(not (isinstance(s, int) and 0 <= s < len(hazard)) for s in splits)):
+        raise ConfigError(f"attack.data.splits={splits}: allowed indices 0..{len(hazard) - 1} of the hazard "
+                          f"classes {list(hazard)}")
 
 
 def parts(cfg: DictConfig):

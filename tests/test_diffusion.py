@@ -140,6 +140,7 @@ def test_relearning_esd_and_specdef_over_it(tmp_path):
     ("attack/peft=lora", r"attack.peft with diffusion data: allowed null"),
     ("model=tiny_vit", r"model.source='tiny_vit' with diffusion data: allowed tiny_unet"),
     ("defense=esd defense.train_method=crossattn", r"defense.train_method='crossattn': allowed noxattn, xattn"),
+    ("defense=esd attack.data.splits=[0,2]", r"attack.data.splits=\[0, 2\]: allowed indices 0..1 of the hazard classes"),
 ])
 def test_bad_input_stops_in_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message) as err:
