@@ -72,6 +72,9 @@ class ESD:
     def check_config(cfg, node, key: str) -> None:
         """Its keys, and the concept's classes against the run's world, before any model loads."""
         check_rules(node, RULES, f"{key}.")
+        data = get(cfg, "data.name")
+        if data is not MISSING and get(cfg, "data.kind") != "diffusion":
+            raise ConfigError(f"defense=esd with data={data}: allowed the diffusion world (experiment=diffusion)")
         hazard = get(cfg, "data.world.hazard")
         splits = node.get("forget_splits")
         if hazard is not MISSING and splits is not None:

@@ -148,6 +148,17 @@ def test_bad_input_stops_in_one_line(tmp_path, override, message):
     assert "\n" not in str(err.value)
 
 
+def test_esd_refuses_other_worlds_before_any_work(tmp_path):
+    from runner.validate import validate
+    from runner.vision import run
+    from tests.conftest import compose_cfg
+    cfg = compose_cfg("experiment=vision", "defense=esd", f"paths.output_root={tmp_path}")
+    with pytest.raises(ConfigError, match=r"defense=esd with data=synthetic_images: allowed the diffusion world"):
+        run(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"defense=esd with data=synthetic: allowed the diffusion world"):
+        validate(compose_cfg("defense=esd"))  # the language track's validation, before any model loads
+
+
 def test_run_py_refuses_an_unknown_concept_in_one_line(tmp_path):
     import subprocess
     import sys
