@@ -200,3 +200,20 @@ def test_the_table_report_copies_each_jobs_sample_grid(tmp_path, monkeypatch):
     instantiate(cfg.hydra.callbacks.report).on_multirun_end(cfg)
     out = tmp_path / "results" / "diffusion_tiny"
     assert (out / "summary.md").is_file() and (out / "grids" / "esd_adam_lr0.001.png").read_bytes() == b"png"
+
+
+def test_imma_releases_the_pretrained_model_with_its_attention_only(unet_path, diffusion_data):
+    """IMMA (baselines/imma.py): the attacker's simulated updates are dropped, the defender's attention kept."""
+    from baselines.imma import ATTENTION, IMMA
+    model = unet(unet_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    defense = IMMA(lr=1e-4, lr_defense=4e-3, steps=6, batch_size=4)
+    model = defense(model, None, diffusion_data)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(any(a in n for a in ATTENTION) for n in moved)
+    assert all(p.requires_grad for p in model.parameters())
+    assert defense.info["defended_layers"] == 16 and defense.info["train_steps"] == 6
+    with pytest.raises(ConfigError, match=r"defense=imma with data=synthetic: allowed the diffusion world"):
+        from runner.validate import validate
+        from tests.conftest import compose_cfg
+        validate(compose_cfg("defense=imma"))
