@@ -24,6 +24,7 @@ from harness.diffusion import DiffusionData, denoising_loss
 from harness.errors import ConfigError
 from harness.rules import MISSING, Rule, check_rules, get, non_negative, positive, positive_int
 from harness.train import train_loop
+from specdef.defense import build_base, check_base
 
 log = logging.getLogger(__name__)
 ATTENTION = ("to_q", "to_k", "to_v", "to_out")  # the authors' defended parameters (name substrings)
@@ -65,22 +66,26 @@ class IMMA:
 
     lr: the simulated attacker's.  lr_defense: the defender's.  steps: both kinds together.
     forget_splits: the concept (indices into data.world.hazard) whose fine-tuning is to fail.
+    base / base_overrides: a defense of conf/defense/ applied first (SpecDef's mechanism), e.g. esd: IMMA's
+    setting is a model that lacks the concept, which the pretrained UNet does not.
     """
     name = "imma"
 
     @staticmethod
     def check_config(cfg, node, key: str) -> None:
         check_rules(node, RULES, f"{key}.")
+        check_base(cfg, node)  # a base defense's own checks (e.g. ESD's), before any model loads
         data = get(cfg, "data.name")
         if data is not MISSING and get(cfg, "data.kind") != "diffusion":
             raise ConfigError(f"defense=imma with data={data}: allowed the diffusion world (experiment=diffusion)")
 
     def __init__(self, lr: float = 5e-6, lr_defense: float = 2e-5, steps: int = 1000, batch_size: int = 1,
                  inner_steps: int = 1, outer_steps: int = 1, weight_decay: float = 1e-2, max_grad_norm: float = 1.0,
-                 forget_splits=(0, 1), seed: int = 0):
+                 forget_splits=(0, 1), seed: int = 0, base: str | None = None, base_overrides: dict | None = None):
         self.lr, self.lr_defense, self.steps, self.batch_size = lr, lr_defense, steps, batch_size
         self.inner_steps, self.outer_steps, self.weight_decay = inner_steps, outer_steps, weight_decay
         self.max_grad_norm, self.forget_splits, self.seed = max_grad_norm, list(forget_splits), seed
+        self.base, self.base_overrides = base, base_overrides  # a defense applied first (e.g. esd), as SpecDef's
         self.info: dict = {}
 
     def concept_labels(self, data) -> list[int]:
@@ -96,6 +101,11 @@ class IMMA:
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
         concepts = self.concept_labels(data)
+        base_info = {}
+        if self.base is not None:  # e.g. ESD: IMMA then immunizes a model that no longer draws the concept
+            base = build_base(self.base, self.base_overrides)
+            model = base(model, tokenizer, data)
+            base_info = {"base": {"name": base.name, **base.info}}
         defended = {n: p for n, p in model.named_parameters() if any(a in n for a in ATTENTION)}
         if not defended:
             raise ConfigError(f"defense=imma: {type(model).__name__} has no attention projection ({', '.join(ATTENTION)})")
@@ -129,6 +139,6 @@ class IMMA:
                     p.copy_(released[n])
         self.info = run_info(t0, {"train": result}, terms, defended_parameters=sum(p.numel() for p in defended.values()),
                              defended_layers=len({n.rsplit(".", 1)[0] for n in defended}),
-                             immunized_classes=[data.classes[c] for c in concepts])
+                             immunized_classes=[data.classes[c] for c in concepts], **base_info)
         log.info("imma: %s", self.info)
         return model

@@ -213,6 +213,10 @@ def test_imma_releases_the_pretrained_model_with_its_attention_only(unet_path, d
     assert moved and all(any(a in n for a in ATTENTION) for n in moved)
     assert all(p.requires_grad for p in model.parameters())
     assert defense.info["defended_layers"] == 16 and defense.info["train_steps"] == 6
+    with pytest.raises(ConfigError, match=r"defense.forget_splits=\[5\]: allowed a non-empty list of indices 0..1"):
+        from runner.validate import validate  # IMMA over ESD: the base's checks run before any work
+        from tests.conftest import compose_cfg
+        validate(compose_cfg("experiment=diffusion", "defense=imma_esd", "+defense.base_overrides.forget_splits=[5]"))
     with pytest.raises(ConfigError, match=r"defense=imma with data=synthetic: allowed the diffusion world"):
         from runner.validate import validate
         from tests.conftest import compose_cfg

@@ -34,6 +34,8 @@ PAPER = {
             "rm_lr": 2e-5},
     "imma": {"lr": 5e-6, "lr_defense": 2e-5, "steps": 1000, "batch_size": 1, "inner_steps": 1, "outer_steps": 1,
              "weight_decay": 1e-2, "max_grad_norm": 1.0},
+    "imma_esd": {"lr": 5e-6, "lr_defense": 2e-5, "steps": 1000, "batch_size": 1, "inner_steps": 1, "outer_steps": 1,
+                 "weight_decay": 1e-2, "max_grad_norm": 1.0, "base": "esd"},
     "esd": {"negative_guidance": 1.0, "start_guidance": 3.0, "iterations": 1000, "lr": 1e-5, "batch_size": 1,
             "ddim_steps": 50, "train_method": "noxattn"},
 }
