@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.errors import ConfigError
 from runner.objective import constrained_objective
 from runner.pipeline import run, show_plan
+from runner.diffusion import is_diffusion, run as run_diffusion
 from runner.vision import is_vision, run as run_vision
 
 log = logging.getLogger("run")
@@ -22,6 +23,8 @@ def main(cfg: DictConfig) -> float:
     try:
         if is_vision(cfg):  # the image world (experiment=vision): its own runner, the same defenses and attacks
             record = run_vision(cfg, HydraConfig.get().runtime.output_dir)
+        elif is_diffusion(cfg):  # the denoiser on the image world (experiment=diffusion): likewise
+            record = run_diffusion(cfg, HydraConfig.get().runtime.output_dir)
         elif cfg.plan:
             show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record
             return None

@@ -15,7 +15,7 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 RECORD_NAME = "result.json"
 PACKAGES = ["torch", "transformers", "datasets", "lm_eval", "hydra-core", "omegaconf", "peft", "pandas",
-            "pytorch_optimizer", "wandb", "submitit", "safetensors", "tokenizers"]
+            "pytorch_optimizer", "wandb", "submitit", "safetensors", "tokenizers", "diffusers"]
 # Environment variables whose values must never reach a record, config dump or log.
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "OPENAI_API_KEY")
 

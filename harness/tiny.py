@@ -120,10 +120,10 @@ def cache_key(world: synthetic.WorldConfig, spec: TinySpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path, name: str = "model.safetensors") -> str:
     """sha256 over the tensors' names, dtypes, shapes and bytes (not the file, whose header may vary)."""
     from safetensors.torch import load_file
-    state = load_file(Path(folder) / "model.safetensors")
+    state = load_file(Path(folder) / name)
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].contiguous()

@@ -28,12 +28,17 @@ class ReportOnSweepEnd(Callback):
         self.out = out
         self.plots = plots
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from reporting import report
+    def destination(self, config: DictConfig) -> tuple[Path, Path, list[str]]:
+        """(where the report goes, the preset's published folder, the overrides that keep it from there)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         out = Path(self.out) if self.out else sweep_dir / "report"
         changed = [] if out == sweep_dir / "report" or out_chosen(config) else departures(config)
-        published, out = out, (sweep_dir / "report" if changed else out)
+        return (sweep_dir / "report" if changed else out), out, changed
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from reporting import report
+        sweep_dir = Path(config.hydra.sweep.dir)
+        out, published, changed = self.destination(config)
         args = [str(sweep_dir), "--out", str(out)] + ([] if self.plots else ["--no-plots"])
         if report.main(args) != 0:
             log.warning("no complete records under %s; no report built", sweep_dir)
@@ -49,6 +54,26 @@ class ReportOnSweepEnd(Callback):
                         "python -m reporting.report %s --out %s", " ".join(changed), out, published, sweep_dir, published)
         else:
             log.info("report of the sweep written to %s", out)
+
+
+class ReportWithSampleGrids(ReportOnSweepEnd):
+    """ReportOnSweepEnd, plus each job's sample grid (the diffusion runner's `samples.png`: the same seeded draws
+    from the undefended, the defended and the attacked model) copied to `<out>/grids/<defense>[_<base>]_<attack>_lr<lr>.png`."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import json
+        import shutil
+        super().on_multirun_end(config, **kwargs)
+        out = self.destination(config)[0]
+        for grid in sorted(Path(config.hydra.sweep.dir).glob("*/samples.png")):
+            record = grid.with_name("result.json")
+            if not record.is_file():
+                continue
+            r = json.loads(record.read_text())
+            defense = r["defense"]["name"] + (f"_{r['defense']['base']['name']}" if r["defense"].get("base") else "")
+            name = f"{defense}_{r['attack']['name']}_lr{r['attack']['lr']:g}.png"
+            (out / "grids").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, out / "grids" / name)
 
 
 def departures(config: DictConfig, axes: dict[str, str] | None = None) -> list[str]:

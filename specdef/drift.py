@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from harness.batches import encode
+from harness.diffusion import DiffusionData, heldout_batch
 from harness.images import ImageData, pixel_values
 from specdef.core import set_module
 
@@ -74,8 +75,34 @@ def image_drift(model: nn.Module, images: torch.Tensor, originals: dict[str, nn.
     return _summarise(acc, dtype=next(model.parameters()).dtype)
 
 
+@torch.no_grad()
+def noise_drift(model: nn.Module, batch: dict, originals: dict[str, nn.Module]) -> dict:
+    """The same for a class-conditioned denoiser (harness/diffusion.py): its noise prediction on a fixed
+    noised batch, each image's prediction a row; `tokens` counts images. `kl_mean` is None (a noise
+    prediction is no distribution)."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    inputs = (batch["sample"].to(param), batch["timestep"].to(param.device))
+    labels = batch["class_labels"].to(param.device)
+    with swapped(model, originals):
+        ref = model(*inputs, class_labels=labels).sample.flatten(1).double()
+    out = model(*inputs, class_labels=labels).sample.flatten(1).double()
+    model.train(was_training)
+    diff = out - ref
+    largest = float(diff.abs().max()) if diff.numel() else 0.0
+    ref2 = float(ref.pow(2).sum())
+    return {"max_abs_logit_diff": _finite_or_inf(largest), "kl_mean": None,
+            "rel_logit_error": _finite_or_inf(math.sqrt(float(diff.pow(2).sum()) / ref2)) if ref2 else 0.0,
+            "tokens": len(ref), "dtype": str(param.dtype).removeprefix("torch.")}
+
+
 def data_drift(model: nn.Module, tokenizer, data, originals: dict[str, nn.Module], samples: int) -> dict:
-    """The drift on `samples` held-out inputs of the run's data: eval images of the image world, else text."""
+    """The drift on `samples` held-out inputs of the run's data: noised eval images of the diffusion world,
+    eval images of the image world, else text."""
+    if isinstance(data, DiffusionData):
+        return noise_drift(model, heldout_batch(data, list(range(len(data.classes))),
+                                                -(-samples // len(data.classes)), seed=0), originals)
     if isinstance(data, ImageData):
         return image_drift(model, data.eval_images[:samples], originals)
     return function_drift(model, tokenizer, data.heldout_text(samples), originals, data.max_length)

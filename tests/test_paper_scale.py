@@ -35,11 +35,17 @@ PAPER = {
             "adversary_lrs": [2e-6, 2e-5, 4e-5], "adversary_batch_size": 4, "batch_size": 8,
             "tr_grad_scale": 4.0, "schedule_lambda": 0.0625, "retain_scale": 1.0, "heldout_fraction": 0.2,
             "rm_lr": 2e-5},
+    "imma": {"lr": 5e-6, "lr_defense": 2e-5, "steps": 1000, "batch_size": 1, "inner_steps": 1, "outer_steps": 1,
+             "weight_decay": 1e-2, "max_grad_norm": 1.0},
+    "imma_esd": {"lr": 5e-6, "lr_defense": 2e-5, "steps": 1000, "batch_size": 1, "inner_steps": 1, "outer_steps": 1,
+                 "weight_decay": 1e-2, "max_grad_norm": 1.0, "base": "esd"},
+    "esd": {"negative_guidance": 1.0, "start_guidance": 3.0, "iterations": 1000, "lr": 1e-5, "batch_size": 1,
+            "ddim_steps": 50, "train_method": "noxattn"},
 }
 SPECDEF_PAPER = {"alpha": 1e4, "dtype": "float32", "strict_drift": True, "base_scale": "paper"}
 SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm",
                     "specdef_vit": None, "specdef_vit_npo": "class_npo",
-                    "specdef_vit_cn": "condition_number"}
+                    "specdef_vit_cn": "condition_number", "specdef_unet": None, "specdef_unet_esd": "esd"}
 DEFENSES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "defense").glob("*.yaml"))
 
 
