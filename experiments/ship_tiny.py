@@ -2,7 +2,10 @@
 fresh cache, record its weights digest and the digest of its reproducible prefix, and write the folder
 with a checksum manifest.
 
-    python -m experiments.ship_tiny                     # the default model and the tests' two others
+    python -m experiments.ship_tiny                     # the tiny Llamas: the default, the tests' two, scale=documents'
+    python -m experiments.ship_tiny --models vit vit_naive unet   # the image tracks' (assets/tiny_vit, assets/tiny_unet;
+                                                        # no prefix: their keys include the pin, and a rebuild
+                                                        # from an empty cache gave the same sha256)
     python -m experiments.ship_tiny --models default    # one of them
     python -m experiments.ship_tiny --use-cache         # take a model already pretrained from code in the
                                                         # cache (never one copied from assets/) instead
@@ -12,7 +15,7 @@ with a checksum manifest.
                                                         # the new cache key (minutes, not a pretraining)
 
 Run it when a change to the recipe (the cache key) leaves a model without a shipped folder; `git add
-assets/tiny`. The models are ~2.9 MB each. A model's old folders (other keys) are removed.
+assets/`. The models are ~2.9 MB each. A model's old folders (other keys) are removed.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 from harness import numerics, synthetic, tiny
 from harness.data import synthetic_data
@@ -134,9 +138,43 @@ def rekey(name: str, overrides: Sequence[str], assets: Path, threads: int) -> Pa
     return assets / key
 
 
+# The image tracks' models (docs/vision.md, docs/diffusion.md): shipped so that neither the first run nor
+# the tests pretrain them, copied from a cache pretrained from code (an empty temporary one by default).
+IMAGE_MODELS = {"vit": ("tiny_vit", ["experiment=vision"]),
+                "vit_naive": ("tiny_vit", ["experiment=vision", "model.spec.exclude_hazard=[0,1]"]),
+                "unet": ("tiny_unet", ["experiment=diffusion"])}
+
+
+def ship_image(name: str, assets: Path, cache: Path | None) -> Path:
+    from harness import tiny_unet, tiny_vit
+    kind, overrides = IMAGE_MODELS[name]
+    cfg = compose_config(overrides)
+    world = tiny_vit.world_from_dict(OmegaConf.to_container(cfg.data.world, resolve=True))
+    module = tiny_vit if kind == "tiny_vit" else tiny_unet
+    spec = module.spec_from_dict(OmegaConf.to_container(cfg.model.spec, resolve=True))
+    with tempfile.TemporaryDirectory(prefix="ship_image_") as fresh:
+        root = cache or Path(fresh)
+        folder = Path(root) / kind / module.cache_key(world, spec)
+        if cache is None or not folder.is_dir():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            module._build(world, spec, folder, progress=True)  # from code, never from a shipped copy
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if "installed_from" in manifest:
+            raise SystemExit(f"{name}: the cached {folder} was copied from assets/, not pretrained; drop --use-cache")
+        out = assets.parent / kind / folder.name
+        for old in out.parent.glob("*/manifest.json"):  # this model's folders under other keys
+            if json.loads(old.read_text()).get("model") == name and old.parent != out:
+                shutil.rmtree(old.parent)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.lock"))
+    manifest.update({"model": name, "overrides": overrides, "rebuild": f"python -m experiments.ship_tiny --models {name}"})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *IMAGE_MODELS])
     parser.add_argument("--use-cache", action="store_true", help="reuse a model pretrained from code in SPECDEF_CACHE")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--assets", type=Path, default=tiny.SHIPPED)
@@ -147,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     cache = Path(compose_config().paths.cache_dir).expanduser() if a.use_cache else None
     print(f"numerics here: {json.dumps(numerics.describe())}", flush=True)
     for name in a.models:
+        if name in IMAGE_MODELS:
+            out = ship_image(name, a.assets, cache)
+            print(f"{name}: {out.relative_to(tiny.REPO) if out.is_relative_to(tiny.REPO) else out}  weights "
+                  f"{json.loads((out / 'manifest.json').read_text())['weights_sha256']}", flush=True)
+            continue
         if a.rekey:
             print(f"{name}: {rekey(name, MODELS[name], a.assets, a.threads)} (prefix reproduced, re-keyed)", flush=True)
             continue

@@ -202,33 +202,35 @@ def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, ca
     return folder
 
 
-def shipped_problem(src: Path) -> str | None:
+def shipped_problem(src: Path, weights: str = "model.safetensors") -> str | None:
     """None if a shipped folder's files match its manifest and its weights their recorded digest."""
     problem = verify_manifest(src)
     if problem is None:
         recorded = json.loads((src / "manifest.json").read_text()).get("weights_sha256")
-        if weights_digest(src) != recorded:
+        if weights_digest(src, weights) != recorded:
             problem = "weights digest differs from the manifest's weights_sha256"
     return problem
 
 
-def install_shipped(key: str, folder: Path, shipped: Path | None = None) -> bool:
-    """Copy the shipped model of `key` into the cache folder `folder` after verifying it; False if none is
-    shipped for this key or it fails its checksums (said in one warning line)."""
+def install_shipped(key: str, folder: Path, shipped: Path | None = None,
+                    weights: str = "model.safetensors") -> bool:
+    """Copy the shipped model of `key` (`shipped`/<key>, default assets/tiny/<key>) into the cache folder
+    `folder` after verifying it; False if none is shipped for this key or it fails its checksums (said in
+    one warning line)."""
     src = Path(shipped or SHIPPED) / key
     if not src.is_dir():
         return False
-    problem = shipped_problem(src)
+    problem = shipped_problem(src, weights)
     if problem is not None:
-        log.warning("shipped tiny model %s refused (%s); pretraining it instead", src, problem)
+        log.warning("shipped model %s refused (%s); pretraining it instead", src, problem)
         return False
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
     shutil.copytree(src, tmp)
     manifest = json.loads((tmp / "manifest.json").read_text())
-    manifest["installed_from"] = f"assets/tiny/{key}"  # not a file: the checksums stay valid
+    manifest["installed_from"] = f"assets/{src.parent.name}/{key}"  # not a file: the checksums stay valid
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tmp.rename(folder)
-    log.info("tiny model %s: shipped weights verified and copied into the cache", key)
+    log.info("%s model %s: shipped weights verified and copied into the cache", src.parent.name, key)
     return True
 
 

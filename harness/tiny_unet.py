@@ -36,7 +36,7 @@ from filelock import FileLock
 from harness import diffusion, images, numerics
 from harness.errors import ConfigError
 from harness.manifest import verify_manifest, write_manifest
-from harness.tiny import REPO, weights_digest
+from harness.tiny import REPO, install_shipped, weights_digest
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ def check_spec(spec: TinyUNetSpec) -> None:
         raise ConfigError(f"model.spec.cond_dropout={spec.cond_dropout!r}: allowed a number in [0, 1)")
 
 
+# Shipped weights, one folder per cache key (python -m experiments.ship_tiny --models unet...): a machine
+# whose pin, libraries and recipe give the same key copies them instead of pretraining.
+SHIPPED = REPO / "assets" / "tiny_unet"
+
+
 def cache_key(world: images.ImageWorldConfig, spec: TinyUNetSpec) -> str:
     pin = numerics.resolve(spec.numerics, "model.spec.numerics")
     blob = json.dumps({"tiny_unet_version": TINY_UNET_VERSION, "world": world.key(), **dataclasses.asdict(spec),
@@ -147,7 +152,7 @@ def cache_key(world: images.ImageWorldConfig, spec: TinyUNetSpec) -> str:
 def ensure_tiny_unet(world: images.ImageWorldConfig, spec: TinyUNetSpec, cache_dir: Path,
                      progress: bool = False) -> Path:
     """Path of the cached pretrained denoiser (`<cache>/tiny_unet/<key>`): the cache if its checksums hold,
-    else pretrained once (parallel jobs wait on a file lock)."""
+    else the shipped copy of this key (assets/), else pretrained once (parallel jobs wait on a file lock)."""
     check_spec(spec)
     folder = Path(cache_dir).expanduser() / "tiny_unet" / cache_key(world, spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +163,8 @@ def ensure_tiny_unet(world: images.ImageWorldConfig, spec: TinyUNetSpec, cache_d
                 return folder
             log.warning("cached tiny UNet at %s is corrupt (%s); rebuilding", folder, problem)
             shutil.rmtree(folder)
-        _build(world, spec, folder, progress)
+        if not install_shipped(folder.name, folder, SHIPPED, weights=WEIGHTS):
+            _build(world, spec, folder, progress)
     return folder
 
 

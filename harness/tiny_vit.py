@@ -33,7 +33,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from harness import images, numerics
 from harness.errors import ConfigError
 from harness.manifest import verify_manifest, write_manifest
-from harness.tiny import REPO, weights_digest
+from harness.tiny import REPO, install_shipped, weights_digest
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ def check_spec(spec: TinyViTSpec, world: images.ImageWorldConfig) -> None:
                               f"0..{len(world.hazard) - 1} of data.world.hazard {list(world.hazard)}")
 
 
+# Shipped weights, one folder per cache key (python -m experiments.ship_tiny --models vit...): a machine
+# whose pin, libraries and recipe give the same key copies them instead of pretraining.
+SHIPPED = REPO / "assets" / "tiny_vit"
+
+
 def cache_key(world: images.ImageWorldConfig, spec: TinyViTSpec) -> str:
     pin = numerics.resolve(spec.numerics, "model.spec.numerics")
     blob = json.dumps({"tiny_vit_version": TINY_VIT_VERSION, "world": world.key(), **dataclasses.asdict(spec),
@@ -127,7 +132,7 @@ def cache_key(world: images.ImageWorldConfig, spec: TinyViTSpec) -> str:
 def ensure_tiny_vit(world: images.ImageWorldConfig, spec: TinyViTSpec, cache_dir: Path,
                     progress: bool = False) -> Path:
     """Path of the cached pretrained ViT (`<cache>/tiny_vit/<key>`): the cache if its checksums hold,
-    else pretrained once (parallel jobs wait on a file lock)."""
+    else the shipped copy of this key (assets/), else pretrained once (parallel jobs wait on a file lock)."""
     check_spec(spec, world)
     folder = Path(cache_dir).expanduser() / "tiny_vit" / cache_key(world, spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +143,8 @@ def ensure_tiny_vit(world: images.ImageWorldConfig, spec: TinyViTSpec, cache_dir
                 return folder
             log.warning("cached tiny ViT at %s is corrupt (%s); rebuilding", folder, problem)
             shutil.rmtree(folder)
-        _build(world, spec, folder, progress)
+        if not install_shipped(folder.name, folder, SHIPPED):
+            _build(world, spec, folder, progress)
     return folder
 
 
