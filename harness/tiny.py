@@ -187,18 +187,27 @@ def ensure_tiny(world: synthetic.WorldConfig, spec: TinySpec, data_dir: Path, ca
     need the same model at once (the jobs of a parallel sweep) build it once: the others wait on a file lock."""
     if spec.numerics not in NUMERICS:
         raise ConfigError(f"model.spec.numerics={spec.numerics!r}: allowed {', '.join(NUMERICS)}")
-    key = cache_key(world, spec)
-    folder = Path(cache_dir) / "tiny" / key
+    folder = Path(cache_dir) / "tiny" / cache_key(world, spec)
+    return cached_model(folder, lambda: _build(world, spec, Path(data_dir), folder, progress,
+                                               threads or PRETRAIN_THREADS))
+
+
+def cached_model(folder: Path, build, shipped: Path | None = None, weights: str = "model.safetensors",
+                 what: str = "tiny model") -> Path:
+    """The cache folder of a pretrained model (its name is the cache key): kept if its checksums hold, else
+    the shipped copy of its key (`shipped`/<key>, default assets/tiny) if that passes its own, else `build()`
+    into it. Processes that need it at once (the jobs of a parallel sweep) build it once: the others wait on
+    a file lock."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if folder.is_dir():
             problem = verify_manifest(folder)
             if problem is None:
                 return folder
-            log.warning("cached tiny model at %s is corrupt (%s); rebuilding", folder, problem)
+            log.warning("cached %s at %s is corrupt (%s); rebuilding", what, folder, problem)
             shutil.rmtree(folder)
-        if not install_shipped(key, folder):
-            _build(world, spec, Path(data_dir), folder, progress, threads or PRETRAIN_THREADS)
+        if not install_shipped(folder.name, folder, shipped, weights):
+            build()
     return folder
 
 

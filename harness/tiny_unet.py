@@ -31,12 +31,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
 from harness import diffusion, images, numerics
 from harness.errors import ConfigError
-from harness.manifest import verify_manifest, write_manifest
-from harness.tiny import REPO, install_shipped, weights_digest
+from harness.manifest import write_manifest
+from harness.tiny import REPO, cached_model, weights_digest
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -155,17 +154,7 @@ def ensure_tiny_unet(world: images.ImageWorldConfig, spec: TinyUNetSpec, cache_d
     else the shipped copy of this key (assets/), else pretrained once (parallel jobs wait on a file lock)."""
     check_spec(spec)
     folder = Path(cache_dir).expanduser() / "tiny_unet" / cache_key(world, spec)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if folder.is_dir():
-            problem = verify_manifest(folder)
-            if problem is None:
-                return folder
-            log.warning("cached tiny UNet at %s is corrupt (%s); rebuilding", folder, problem)
-            shutil.rmtree(folder)
-        if not install_shipped(folder.name, folder, SHIPPED, weights=WEIGHTS):
-            _build(world, spec, folder, progress)
-    return folder
+    return cached_model(folder, lambda: _build(world, spec, folder, progress), SHIPPED, weights=WEIGHTS, what="tiny UNet")
 
 
 def _build(world: images.ImageWorldConfig, spec: TinyUNetSpec, folder: Path, progress: bool) -> None:

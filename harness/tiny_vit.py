@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from transformers import ViTConfig, ViTForImageClassification
 
 from harness import images, numerics
 from harness.errors import ConfigError
-from harness.manifest import verify_manifest, write_manifest
-from harness.tiny import REPO, install_shipped, weights_digest
+from harness.manifest import write_manifest
+from harness.tiny import REPO, cached_model, weights_digest
 from harness.train import lr_lambda, train_loop
 
 log = logging.getLogger(__name__)
@@ -135,17 +134,7 @@ def ensure_tiny_vit(world: images.ImageWorldConfig, spec: TinyViTSpec, cache_dir
     else the shipped copy of this key (assets/), else pretrained once (parallel jobs wait on a file lock)."""
     check_spec(spec, world)
     folder = Path(cache_dir).expanduser() / "tiny_vit" / cache_key(world, spec)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if folder.is_dir():
-            problem = verify_manifest(folder)
-            if problem is None:
-                return folder
-            log.warning("cached tiny ViT at %s is corrupt (%s); rebuilding", folder, problem)
-            shutil.rmtree(folder)
-        if not install_shipped(folder.name, folder, SHIPPED):
-            _build(world, spec, folder, progress)
-    return folder
+    return cached_model(folder, lambda: _build(world, spec, folder, progress), SHIPPED, what="tiny ViT")
 
 
 def _build(world: images.ImageWorldConfig, spec: TinyViTSpec, folder: Path, progress: bool) -> None:
