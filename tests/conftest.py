@@ -40,6 +40,30 @@ def _one_intra_op_thread():
 TEST_OVERRIDES = os.environ.get("SPECDEF_TEST_OVERRIDES", "").split()
 
 
+@pytest.fixture
+def run_py_refusal(monkeypatch, capsys, tmp_path):
+    """`python run.py <overrides>` in this process, for input run.py must refuse: returns (exit code, stderr).
+    The same script, Hydra main and error printing as a subprocess, without a new interpreter's ~5 s of imports."""
+    import logging
+    import runpy
+    from hydra.core.global_hydra import GlobalHydra
+    script = str(Path(CONF_DIR).parent / "run.py")
+
+    def run(*overrides: str) -> tuple[int, str]:
+        monkeypatch.setattr("sys.argv", [script, *overrides, f"hydra.run.dir={tmp_path}/run"])
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level  # Hydra configures logging for the job it starts
+        GlobalHydra.instance().clear()
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                runpy.run_path(script, run_name="__main__")
+        finally:
+            GlobalHydra.instance().clear()
+            root.handlers[:], root.level = handlers, level
+        return exit_.value.code, capsys.readouterr().err
+    return run
+
+
 def compose_cfg(*overrides: str):
     """The config `python run.py <overrides>` would run with (no local overrides), plus the
     variation under test (SPECDEF_TEST_OVERRIDES)."""

@@ -264,18 +264,21 @@ def _run_cli(tmp_path, *args, env_extra=None, timeout=300):
                           timeout=timeout, env=env)
 
 
-def test_cli_bad_value_prints_one_line_before_loading_anything(tmp_path):
-    out = _run_cli(tmp_path, "lr=-1", f"hydra.run.dir={tmp_path}/run", env_extra={"SPECDEF_CACHE": str(tmp_path / "empty")})
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "error: lr=-1: allowed a finite number > 0"
+def test_cli_bad_value_prints_one_line_before_loading_anything(tmp_path, monkeypatch, run_py_refusal):
+    monkeypatch.setenv("SPECDEF_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("SPECDEF_OUTPUTS", str(tmp_path / "outputs"))
+    code, err = run_py_refusal("lr=-1")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "error: lr=-1: allowed a finite number > 0"
     assert not (tmp_path / "empty").exists()  # nothing was generated or trained
 
 
-def test_cli_unknown_option_lists_the_choices(tmp_path):
-    out = _run_cli(tmp_path, "defense=bogus", f"hydra.run.dir={tmp_path}/run")
-    assert out.returncode != 0
-    assert "Could not find 'defense/bogus'" in out.stderr and "Available options" in out.stderr
-    assert "none" in out.stderr
+def test_cli_unknown_option_lists_the_choices(tmp_path, monkeypatch, run_py_refusal):
+    monkeypatch.setenv("SPECDEF_OUTPUTS", str(tmp_path / "outputs"))
+    code, err = run_py_refusal("defense=bogus")
+    assert code != 0
+    assert "Could not find 'defense/bogus'" in err and "Available options" in err
+    assert "none" in err
 
 
 def test_write_json_atomic_leaves_complete_or_nothing(tmp_path):

@@ -159,14 +159,11 @@ def test_esd_refuses_other_worlds_before_any_work(tmp_path):
         validate(compose_cfg("defense=esd"))  # the language track's validation, before any model loads
 
 
-def test_run_py_refuses_an_unknown_concept_in_one_line(tmp_path):
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "run.py", "experiment=diffusion", "data.world.hazard=[skull]",
-                           f"paths.output_root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("error: data.world.hazard: unknown class 'skull'; allowed disk, "
-                                                    "square, triangle, cross, ring, diamond, saltire, frame")
+def test_run_py_refuses_an_unknown_concept_in_one_line(tmp_path, run_py_refusal):
+    code, err = run_py_refusal("experiment=diffusion", "data.world.hazard=[skull]", f"paths.output_root={tmp_path}")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == ("error: data.world.hazard: unknown class 'skull'; allowed disk, "
+                                            "square, triangle, cross, ring, diamond, saltire, frame")
 
 
 def test_diffusion_table_preset_composes():

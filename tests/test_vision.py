@@ -242,16 +242,11 @@ def test_scoring_without_fine_tuning(tmp_path):
     assert {k: post[k] for k in pre} == pre
 
 
-def test_run_py_stops_on_an_unknown_class_in_one_line(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "run.py", "experiment=vision", "data.world.hazard=[cross,skull]",
-                           f"paths.output_root={tmp_path}"], cwd=repo, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("error: data.world.hazard: unknown class 'skull'; allowed disk, "
-                                                    "square, triangle, cross, ring, diamond, saltire, frame")
+def test_run_py_stops_on_an_unknown_class_in_one_line(tmp_path, run_py_refusal):
+    code, err = run_py_refusal("experiment=vision", "data.world.hazard=[cross,skull]", f"paths.output_root={tmp_path}")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == ("error: data.world.hazard: unknown class 'skull'; allowed disk, "
+                                            "square, triangle, cross, ring, diamond, saltire, frame")
 
 
 # Class unlearning (baselines/class_npo.py) and SpecDef over it (the Table 1 row SpecDef(unlearned))

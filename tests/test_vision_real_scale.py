@@ -203,13 +203,12 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, chec
     assert "\n" not in str(err.value)
 
 
-def test_run_py_prints_a_bad_folder_in_one_line(tmp_path, checkpoint):
+def test_run_py_prints_a_bad_folder_in_one_line(tmp_path, checkpoint, run_py_refusal):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "run.py", *real_scale(checkpoint, empty), f"paths.output_root={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data.path='{empty}': no class subfolders")
+    code, err = run_py_refusal(*real_scale(checkpoint, empty), f"paths.output_root={tmp_path}")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"error: data.path='{empty}': no class subfolders")
 
 
 def test_a_checkpoint_runs_on_the_glyph_world_too(tmp_path, checkpoint):
