@@ -78,8 +78,10 @@ def noised_latents(z0: torch.Tensor, cond: torch.Tensor, scheduler, batch_size: 
 
 def text_denoising_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """MSE between the predicted and the true noise, conditioned on the prompt (harness.train.train_loop's LossFn)."""
-    pred = model(batch["sample"], batch["timestep"], encoder_hidden_states=batch["encoder_hidden_states"]).sample
-    return F.mse_loss(pred.float(), batch["target"])
+    dtype = next(model.parameters()).dtype  # latents and embeddings are kept in float32, a UNet may be half
+    pred = model(batch["sample"].to(dtype), batch["timestep"],
+                 encoder_hidden_states=batch["encoder_hidden_states"].to(dtype)).sample
+    return F.mse_loss(pred.float(), batch["target"].float())
 
 
 @dataclasses.dataclass

@@ -211,6 +211,7 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
     ("splits", r"attack.data.splits=\[0, 1\]: allowed \[0\] \(the concept of data.prompt\)"),
     ("esd_splits", r"defense.forget_splits=\[0, 1\]: allowed \[0\]"),
     ("lora", r"attack.peft with model=stable_diffusion: allowed null"),
+    ("imma", r"defense=imma with data=concept_folder: allowed the embedded diffusion world"),
 ])
 def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, assets, case, message):
     import runner.stable_diffusion as sd_runner
@@ -234,7 +235,7 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, asse
              "benign_pairs": ["eval.benign_labels=[square,disk]"],
              "no_classifier": ["eval.classifier_path=null", "eval.benign_labels=[]", "eval.benign_prompts=[]"],
              "splits": ["attack.data.splits=[0,1]"], "esd_splits": ["defense=esd", "defense.forget_splits=[0,1]"],
-             "lora": ["attack/peft=lora"]}.get(case, [])
+             "lora": ["attack/peft=lora"], "imma": ["defense=imma"]}.get(case, [])
     cfg = compose_cfg(*real_scale(a, *extra), f"paths.output_root={tmp_path}")
     with pytest.raises(ConfigError, match=message) as err:
         run(cfg, tmp_path / "run")
