@@ -26,7 +26,10 @@ from harness.models import DTYPES, resolve_device
 # component folder -> the class it must hold (config.json's _class_name for diffusers models)
 COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
               "tokenizer": "CLIPTokenizer", "scheduler": "a diffusers scheduler"}
-WEIGHTED = ("unet", "vae", "text_encoder")
+# component -> the weights file from_pretrained(use_safetensors=True) reads (or its shard index); a folder holding
+# only a variant (diffusion_pytorch_model.fp16.safetensors) or pickles would fail inside the load, not in one line
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors"}
 LAYOUT = "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) saved with " \
          "save_pretrained(safe_serialization=True)"
 
@@ -45,13 +48,15 @@ def check_sd_checkpoint(path, trust_remote_code: bool = False) -> dict:
     if missing:
         raise ConfigError(f"model.path={path!r}: no {missing[0]}/ ({COMPONENTS[missing[0]]}); allowed {LAYOUT}")
     configs = {}
-    for name in WEIGHTED:
+    for name, weights in WEIGHTS.items():
         folder = root / name
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.path={path!r}: no {name}/config.json; allowed {LAYOUT}")
-        if not any(folder.glob("*.safetensors")):
-            pickled = " (only pickled .bin weights, which are not loaded)" if any(folder.glob("*.bin")) else ""
-            raise ConfigError(f"model.path={path!r}: no *.safetensors in {name}/{pickled}; allowed {LAYOUT}")
+        if not any((folder / f).is_file() for f in (weights, f"{weights}.index.json")):
+            found = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+            pickled = " (only pickled .bin weights, which are not loaded)" if found and all(
+                f.endswith(".bin") for f in found) else f" (found {', '.join(found)})" if found else ""
+            raise ConfigError(f"model.path={path!r}: no {name}/{weights}{pickled}; allowed {LAYOUT}")
         configs[name] = json.loads((folder / "config.json").read_text())
     for name in ("unet", "vae"):
         found = configs[name].get("_class_name")
@@ -127,8 +132,10 @@ def load_stable_diffusion(path: str, dtype: str = "float32", device: str = "cpu"
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, trust_remote_code=False,
                                                  dtype=torch_dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    # a checkpoint's sampler (PNDM, DDIM, ...) shares the training schedule; DDPM's add_noise is the one trained with
-    scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
+    # a checkpoint's sampler (PNDM, DDIM, ...) shares the training schedule; DDPM's add_noise is the one trained with.
+    # Latents are not in [-1, 1]: no sampler built from this config (evaluation, ESD) may clip them, whatever a
+    # PNDM config's missing clip_sample defaults to
+    scheduler = DDPMScheduler.from_pretrained(root / "scheduler", clip_sample=False)
     for frozen in (vae, text_encoder):
         frozen.requires_grad_(False).eval()
     return StableDiffusion(unet.to(where).eval(), vae.to(where), text_encoder.to(where), tokenizer, scheduler)

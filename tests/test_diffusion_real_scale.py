@@ -138,6 +138,15 @@ def test_esd_x_trains_only_the_cross_attention(assets):
     unet = defense(sd.unet, None, data)
     moved = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(".attn2." in n for n in moved)
+    # its target: the frozen original's prediction for the prompt, negatively guided away from the empty prompt's
+    ref = load_stable_diffusion(str(assets["model"])).unet
+    batch = next(defense.batches(ref, data, *defense.conditions(data)[:3]))
+    assert torch.equal(batch["condition"], data.prompt_embedding.expand(defense.batch_size, -1, -1))
+    with torch.no_grad():
+        eps_c = ref(batch["sample"], batch["timestep"], encoder_hidden_states=batch["condition"]).sample
+        eps_null = ref(batch["sample"], batch["timestep"],
+                       encoder_hidden_states=data.null_embedding.expand(defense.batch_size, -1, -1)).sample
+    assert torch.allclose(batch["target"], eps_null - defense.negative_guidance * (eps_c - eps_null), atol=1e-5)
     assert defense.info["trained_parameters"] == sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n)
 
 
@@ -190,6 +199,8 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
     elif case == "bin_only":
         for f in (bad / "unet").glob("*.safetensors"):
             f.rename(f.with_name("diffusion_pytorch_model.bin"))
+    elif case == "variant_only":
+        (bad / "text_encoder" / "model.safetensors").rename(bad / "text_encoder" / "model.fp16.safetensors")
     elif case == "width":
         config = json.loads((bad / "unet" / "config.json").read_text())
         (bad / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 32}))
@@ -198,7 +209,9 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
 
 @pytest.mark.parametrize("case, message", [
     ("no_vae", r"model.path='.*no_vae': no vae/ \(AutoencoderKL\); allowed a diffusers Stable Diffusion folder"),
-    ("bin_only", r"model.path='.*': no \*.safetensors in unet/ \(only pickled .bin weights, which are not loaded\)"),
+    ("bin_only", r"model.path='.*': no unet/diffusion_pytorch_model.safetensors \(only pickled .bin weights, which "
+                 r"are not loaded\); allowed a diffusers Stable Diffusion folder"),
+    ("variant_only", r"model.path='.*': no text_encoder/model.safetensors \(found model.fp16.safetensors\)"),
     ("width", r"model.path='.*': unet/ cross_attention_dim=32 but text_encoder/ hidden_size=16"),
     ("no_folder", r"model.path='/nonexistent/sd': no such folder"),
     ("remote_code", r"model.trust_remote_code=true with diffusion data: allowed false"),
@@ -222,7 +235,7 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, asse
     monkeypatch.setattr(sd_runner, "load_stable_diffusion", no_work)
     monkeypatch.setattr(sd_runner, "concept_data", no_work)
     a, extra = dict(assets), []
-    if case in ("no_vae", "bin_only", "width"):
+    if case in ("no_vae", "bin_only", "variant_only", "width"):
         a["model"] = _bad_pipeline(tmp_path, assets["model"], case)
     elif case == "no_folder":
         a["model"] = Path("/nonexistent/sd")
