@@ -34,6 +34,16 @@ from harness.errors import ConfigError
 from harness.models import check_model_path
 
 
+def label_id(id2label: dict, label: str) -> int | None:
+    """The id of `label` in a classifier's id2label: its name, or one of the comma-separated synonyms ImageNet's
+    names carry ("church" finds "church, church building"), case aside; None if it has none."""
+    wanted = str(label).strip().lower()
+    for i, name in sorted((int(k), str(v)) for k, v in id2label.items()):
+        if wanted == name.strip().lower() or wanted in (part.strip().lower() for part in name.split(",")):
+            return i
+    return None
+
+
 def check_classifier(path, concept_label, benign_labels, benign_prompts) -> dict | None:
     """The classifier folder's config.json, or one ConfigError line: no safetensors, not an image classifier,
     a concept or benign label it does not know, benign labels that do not pair with the prompts."""
@@ -42,15 +52,16 @@ def check_classifier(path, concept_label, benign_labels, benign_prompts) -> dict
     check_model_path(path, key="eval.classifier_path")
     config_file = Path(path).expanduser() / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    labels = {str(v) for v in (config.get("id2label") or {}).values()}
-    if not any(a.endswith("ForImageClassification") for a in config.get("architectures") or []) or not labels:
+    id2label = config.get("id2label") or {}
+    if not any(a.endswith("ForImageClassification") for a in config.get("architectures") or []) or not id2label:
         raise ConfigError(f"eval.classifier_path={path!r}: config.json names no *ForImageClassification architecture "
                           "with id2label; allowed a Hugging Face image-classification folder")
     for key, label in (("eval.concept_label", concept_label),
                        *((f"eval.benign_labels[{i}]", b) for i, b in enumerate(benign_labels or []))):
-        if label not in labels:
+        if label is None or label_id(id2label, label) is None:
+            names = sorted(str(v) for v in id2label.values())
             raise ConfigError(f"{key}={label!r}: not a label of the classifier at {path}; allowed "
-                              f"{', '.join(sorted(labels)[:20])}")
+                              f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
     if len(benign_labels or []) != len(benign_prompts or []):
         raise ConfigError(f"eval.benign_labels={list(benign_labels or [])}: allowed one classifier label per "
                           f"prompt of eval.benign_prompts ({len(benign_prompts or [])})")
@@ -154,8 +165,7 @@ class SDEvaluator:
         if self.classifier is None:
             return {"hazard_acc": float("nan"), "utility_acc": float("nan"), **losses}
         model, inputs = self.classifier
-        label2id = {str(v): int(k) for k, v in model.config.id2label.items()}
-        wanted = torch.tensor([label2id[l] for l in [self.concept_label, *self.benign_labels]])
+        wanted = torch.tensor([label_id(model.config.id2label, l) for l in [self.concept_label, *self.benign_labels]])
         wanted = wanted.repeat_interleave(self.samples_per_prompt)
         finite = torch.isfinite(samples).flatten(1).all(1)  # a broken model's NaN sample is drawn wrong
         right = (classify(model, inputs, samples) == wanted) & finite

@@ -110,7 +110,8 @@ def execute_stable_diffusion(cfg: DictConfig, run_dir: Path, checkpoint_dir: Pat
         model = defense(sd.unet, None, data)  # the UNet; SpecDef measures its drift on noised held-out latents
     with timed(timings, "eval_pre_attack"):
         pre = base if defense.name == "none" else evaluator(model)
-    grid[f"defended ({defense.name})"] = evaluator.last_samples
+    base_name = defense.info.get("base", {}).get("name")
+    grid[f"defended ({defense.name}{f' over {base_name}' if base_name else ''})"] = evaluator.last_samples
     logger.log({f"pre_attack/{k}": v for k, v in pre.items()}, step=0)
     attack = instantiate(cfg.attack)
     threshold = attack.recover_threshold

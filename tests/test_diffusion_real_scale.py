@@ -23,7 +23,7 @@ from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT, BENIGN_PROMPT = "sks cross", "a disk"  # within the tokenizer's 16 tokens
-LABELS = {0: "cross", 1: "disk", 2: "square"}
+LABELS = {0: "cross", 1: "disk", 2: "square, box"}  # ImageNet-style synonyms: "square" finds label 2
 # 16x16 images -> 8x8 latents, 2 DDIM steps, 2 samples per prompt, 2 attack steps: seconds on one core
 SIZES = ["eval.samples_per_prompt=2", "eval.sampling_steps=2", "attack.steps=2", "attack.eval_every=1",
          "attack.batch_size=2", "threads=1", "model.device=cpu"]
@@ -124,6 +124,11 @@ def test_run_py_rehearses_specdef_over_esd_on_stable_diffusion(tmp_path, assets)
     assert (tmp_path / "run" / "samples.png").is_file()
 
 
+def test_labels_are_found_by_name_or_synonym():
+    from harness.sd_eval import label_id
+    assert [label_id(LABELS, x) for x in ("cross", "Square", "box", "squares")] == [0, 2, 2, None]
+
+
 def test_esd_x_trains_only_the_cross_attention(assets):
     """ESD on the text-conditioned UNet: only attn2 moves, towards the negatively guided prompt prediction."""
     from baselines.esd import ESD
@@ -218,7 +223,7 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
     ("empty_concept", r"data.path='.*empty': 0 images \(.jpg, .jpeg, .png, .bmp, .webp\) in that folder; allowed at least 2"),
     ("no_benign", r"data.benign_path=None: allowed a folder of images"),
     ("no_prompt", r"data.prompt=None: allowed a non-empty prompt"),
-    ("unknown_label", r"eval.concept_label='skull': not a label of the classifier at .*; allowed cross, disk, square"),
+    ("unknown_label", r"eval.concept_label='skull': not a label of the classifier at .*; allowed cross, disk, square, box"),
     ("benign_pairs", r"eval.benign_labels=\['square', 'disk'\]: allowed one classifier label per prompt"),
     ("no_classifier", r"eval.classifier_path=None with eval.benign_labels=\[\]: the intact rule needs a utility"),
     ("splits", r"attack.data.splits=\[0, 1\]: allowed \[0\] \(the concept of data.prompt\)"),
