@@ -144,7 +144,8 @@ class SDEvaluator:
         self.sd, self.data, self.classifier = sd, data, classifier
         self.concept_label, self.benign_labels = concept_label, list(benign_labels)
         self.prompts = [data.prompt, *benign_prompts]
-        self.samples_per_prompt, self.sampling_steps, self.guidance_scale = samples_per_prompt, sampling_steps, guidance_scale
+        self.samples_per_prompt, self.sampling_steps = samples_per_prompt, sampling_steps
+        self.guidance_scale = guidance_scale
         self.seed = seed
         self.embeddings = sd.embed(self.prompts).float().cpu()
         self.retain_batch = data.heldout_batch("benign", seed, heldout_images)

@@ -1,4 +1,4 @@
-"""A Stable Diffusion checkpoint as the diffusion track's model at real scale (`model=stable_diffusion model.path=<folder>`).
+"""A Stable Diffusion checkpoint as the diffusion track's real-scale model (`model=stable_diffusion model.path=<folder>`).
 
 The folder is a diffusers pipeline saved with `save_pretrained(safe_serialization=True)` (what the hub's
 runwayml / stabilityai repositories hold): `unet/` (UNet2DConditionModel), `vae/` (AutoencoderKL),

@@ -157,7 +157,6 @@ def test_esd_x_trains_only_the_cross_attention(assets):
 
 def test_specdef_on_the_sd_unet_is_exact(assets):
     """Same noise prediction (text-conditioned) to float tolerance before and after SpecDef on every layer of specdef_sd."""
-    from omegaconf import OmegaConf
     from harness.concept_folder import concept_data
     from harness.stable_diffusion import load_stable_diffusion
     from runner.stable_diffusion import folders
@@ -220,7 +219,8 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
     ("width", r"model.path='.*': unet/ cross_attention_dim=32 but text_encoder/ hidden_size=16"),
     ("no_folder", r"model.path='/nonexistent/sd': no such folder"),
     ("remote_code", r"model.trust_remote_code=true with diffusion data: allowed false"),
-    ("empty_concept", r"data.path='.*empty': 0 images \(.jpg, .jpeg, .png, .bmp, .webp\) in that folder; allowed at least 2"),
+    ("empty_concept", r"data.path='.*empty': 0 images \(.jpg, .jpeg, .png, .bmp, .webp\) in that folder; allowed at "
+                      r"least 2"),
     ("no_benign", r"data.benign_path=None: allowed a folder of images"),
     ("no_prompt", r"data.prompt=None: allowed a non-empty prompt"),
     ("unknown_label", r"eval.concept_label='skull': not a label of the classifier at .*; allowed cross, disk, square, box"),
@@ -273,8 +273,8 @@ def test_without_a_classifier_the_legacy_rule_runs_on_the_losses(assets, tmp_pat
 
 def test_run_py_prints_a_bad_checkpoint_in_one_line(tmp_path, assets):
     bad = _bad_pipeline(tmp_path, assets["model"], "no_vae")
-    proc = subprocess.run([sys.executable, "run.py", *real_scale({**assets, "model": bad}), f"paths.output_root={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    args = [*real_scale({**assets, "model": bad}), f"paths.output_root={tmp_path}"]
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: model.path='{bad}': no vae/ (AutoencoderKL)")
 
@@ -283,7 +283,8 @@ def test_the_paper_preset_holds_the_authors_values():
     from hydra.utils import instantiate
     cfg = compose_cfg("scale=diffusion_paper", "defense=esd")
     esd = instantiate(cfg.defense)
-    assert (esd.lr, esd.negative_guidance, esd.iterations, esd.train_method, esd.forget_splits) == (1e-5, 1.0, 1000, "xattn", [0])
+    assert (esd.lr, esd.negative_guidance, esd.iterations, esd.train_method, esd.forget_splits) == (
+        1e-5, 1.0, 1000, "xattn", [0])
     assert (cfg.model.source, cfg.data.name, cfg.eval.sampling_steps, cfg.eval.guidance_scale) == (
         "stable_diffusion", "concept_folder", 50, 7.5)
     assert (cfg.lr, cfg.attack.steps, cfg.attack.batch_size, list(cfg.attack.data.splits)) == (5e-6, 400, 1, [0])
