@@ -16,6 +16,11 @@ the self-attention layers, `full` everything. A UNet2DModel has no cross-attenti
 added to the timestep embedding, which each ResNet block reads through its `time_emb_proj`, so those
 (with the class embedding itself) are its "cross-attention" layers.
 
+At real scale (`model=stable_diffusion`, harness/stable_diffusion.py) the condition is the prompt's text
+embedding, as in the paper: c is the concept prompt's (data.prompt), ∅ the empty prompt's, x_t are latents,
+and the layers are the authors' own (train-esd.py): `xattn` the cross-attention blocks (`attn2`), `noxattn`
+every other layer but the time embedding and the output convolution, `selfattn` the `attn1` blocks.
+
 Training goes through the one loop (harness.train.train_loop) with Adam, as the authors'.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.common import BATCH_SIZE, LR, TermLog, frozen_copy, only_train, run_info
+from harness.concept_folder import ConceptData
 from harness.diffusion import DiffusionData
 from harness.errors import ConfigError
 from harness.rules import MISSING, Rule, check_rules, get, non_negative, one_of, positive_int
@@ -35,6 +41,11 @@ from harness.train import train_loop
 log = logging.getLogger(__name__)
 TRAIN_METHODS = ("noxattn", "xattn", "selfattn", "full")
 CONDITION_READERS = ("class_embedding", "time_emb_proj")  # the UNet2DModel's analogue of cross-attention
+# UNet2DConditionModel (text): what the authors' --train_method trains, in diffusers' names for their ldm ones
+# (attn2: cross-attention; noxattn leaves out attn2, time_embed and the output layer `out.`: conv_out here)
+TEXT_CHOICES = {"xattn": lambda parts: "attn2" in parts, "selfattn": lambda parts: "attn1" in parts,
+                "noxattn": lambda parts: not {"attn2", "time_embedding", "conv_out"} & set(parts),
+                "full": lambda parts: True}
 # ESD's own keys (harness/rules.py), checked before any model loads (`ESD.check_config`)
 RULES: list[Rule] = [
     ("iterations", positive_int, "an integer >= 1"), BATCH_SIZE, LR,
@@ -47,6 +58,9 @@ RULES: list[Rule] = [
 
 def esd_parameters(model: torch.nn.Module, train_method: str) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of what `train_method` trains (module docstring)."""
+    if any(".attn2." in n for n, _ in model.named_parameters()):  # text-conditioned: the authors' own choice
+        return [(n, p) for n, p in model.named_parameters() if TEXT_CHOICES[train_method](n.split("."))]
+
     def reads_condition(name: str) -> bool:
         return any(part in name.split(".") for part in CONDITION_READERS)
 
@@ -77,6 +91,8 @@ class ESD:
             raise ConfigError(f"defense=esd with data={data}: allowed the diffusion world (experiment=diffusion)")
         hazard = get(cfg, "data.world.hazard")
         splits = node.get("forget_splits")
+        if data == "concept_folder" and splits is not None and list(splits) != [0]:
+            raise ConfigError(f"defense.forget_splits={list(splits)}: allowed [0] (the concept of data.prompt)")
         if hazard is not MISSING and splits is not None:
             _check_splits(list(splits), list(hazard))
 
@@ -90,55 +106,68 @@ class ESD:
         self.max_grad_norm, self.forget_splits, self.seed = max_grad_norm, list(forget_splits), seed
         self.info: dict = {}
 
+    def conditions(self, data) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], list[str]]:
+        """(concept conditions, the null condition (one row), the shape of x_t, the erased concepts' names):
+        class labels and the null class on the image world; the concept prompt's and the empty prompt's
+        text embeddings, and latents, on a concept folder (model=stable_diffusion)."""
+        if isinstance(data, ConceptData):
+            if self.forget_splits != [0]:
+                raise ConfigError(f"defense.forget_splits={self.forget_splits}: allowed [0] (the concept of data.prompt)")
+            return data.prompt_embedding, data.null_embedding, data.latent_shape, [data.prompt]
+        concepts = self.concept_labels(data)
+        shape = (3, data.resolution, data.resolution)
+        return torch.tensor(concepts), torch.tensor([data.null_label]), shape, [data.classes[c] for c in concepts]
+
     def concept_labels(self, data) -> list[int]:
         if not isinstance(data, DiffusionData):
             raise ConfigError(f"defense=esd on {type(data).__name__}: allowed a diffusion world (experiment=diffusion)")
         _check_splits(self.forget_splits, list(data.world.hazard))
         return [data.hazard_labels[s] for s in self.forget_splits]
 
-    def batches(self, ref: torch.nn.Module, data: DiffusionData, concepts: list[int]):
-        """Endless {sample: x_t, timestep, class_labels: c, target}: x_t sampled by the frozen original down
+    def batches(self, ref: torch.nn.Module, data, concepts: torch.Tensor, null: torch.Tensor, shape: tuple[int, ...]):
+        """Endless {sample: x_t, timestep, condition: c, target}: x_t sampled by the frozen original down
         to a random DDIM step, the target its negatively guided prediction there (module docstring)."""
         from diffusers import DDIMScheduler
         sampler = DDIMScheduler.from_config(data.scheduler.config)
         sampler.set_timesteps(self.ddim_steps)
         g = torch.Generator().manual_seed(self.seed)
         param = next(ref.parameters())
-        null = data.null_label
+        # embeddings take the model's dtype, labels stay integers
+        place = (lambda v: v.to(param)) if concepts.is_floating_point() else (lambda v: v.to(param.device))
         while True:
             until = int(torch.randint(0, self.ddim_steps, (1,), generator=g))
-            c = torch.tensor(concepts)[torch.randint(0, len(concepts), (self.batch_size,), generator=g)]
-            x = torch.randn(self.batch_size, 3, data.resolution, data.resolution, generator=g).to(param)
-            c, u = c.to(param.device), torch.full((self.batch_size,), null, device=param.device)
+            c = place(concepts[torch.randint(0, len(concepts), (self.batch_size,), generator=g)])
+            x = torch.randn(self.batch_size, *shape, generator=g).to(param)
+            u = place(null[torch.zeros(self.batch_size, dtype=torch.long)])
             with torch.no_grad():
                 for t in sampler.timesteps[:until]:
                     x = sampler.step(_cfg(ref, x, t, c, u, self.start_guidance), t, x).prev_sample
                 t = sampler.timesteps[until]
                 eps_c, eps_null = _both(ref, x, t, c, u)
                 target = eps_null - self.negative_guidance * (eps_c - eps_null)
-            yield {"sample": x, "timestep": t.expand(self.batch_size), "class_labels": c, "target": target}
+            yield {"sample": x, "timestep": t.expand(self.batch_size), "condition": c, "target": target}
 
     def __call__(self, model, tokenizer, data):
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
-        concepts = self.concept_labels(data)
+        concepts, null, shape, names = self.conditions(data)
         ref = frozen_copy(model)
         named = esd_parameters(model, self.train_method)
         terms = TermLog()
 
         def loss(m, batch):
-            pred = m(batch["sample"], batch["timestep"], class_labels=batch["class_labels"]).sample
+            pred = _predict(m, batch["sample"], batch["timestep"], batch["condition"])
             value = F.mse_loss(pred.float(), batch["target"].float())
             terms(esd=value)
             return value
 
         with only_train(model, [p for _, p in named]) as params:
             opt = torch.optim.Adam(params, lr=self.lr)
-            result = train_loop(model, self.batches(ref, data, concepts), loss, [opt], steps=self.iterations,
+            result = train_loop(model, self.batches(ref, data, concepts, null, shape), loss, [opt], steps=self.iterations,
                                 max_grad_norm=self.max_grad_norm, desc="defense esd", progress=False)
         self.info = run_info(t0, {"train": result}, terms, train_method=self.train_method,
                              trained_parameters=sum(p.numel() for _, p in named),
-                             erased_classes=[data.classes[c] for c in concepts])
+                             erased_classes=names)
         log.info("esd: %s", self.info)
         return model
 
@@ -149,10 +178,16 @@ def _check_splits(splits: list, hazard: list) -> None:
                           f"0..{len(hazard) - 1} of the hazard classes {hazard}")
 
 
+def _predict(model, x, t, condition: torch.Tensor) -> torch.Tensor:
+    """ε(x, t, condition): a class label (UNet2DModel) or a text embedding (UNet2DConditionModel)."""
+    if condition.is_floating_point():
+        return model(x, t, encoder_hidden_states=condition).sample
+    return model(x, t, class_labels=condition).sample
+
+
 def _both(model, x, t, c, u) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε(x, c), ε(x, ∅)) in one batched pass."""
-    out = model(torch.cat([x, x]), t, class_labels=torch.cat([c, u])).sample
-    return out.chunk(2)
+    return _predict(model, torch.cat([x, x]), t, torch.cat([c, u])).chunk(2)
 
 
 def _cfg(model, x, t, c, u, scale: float) -> torch.Tensor:

@@ -78,6 +78,9 @@ class IMMA:
         data = get(cfg, "data.name")
         if data is not MISSING and get(cfg, "data.kind") != "diffusion":
             raise ConfigError(f"defense=imma with data={data}: allowed the diffusion world (experiment=diffusion)")
+        if data == "concept_folder":  # its game trains on class-conditioned batches (harness/diffusion.py)
+            raise ConfigError("defense=imma with data=concept_folder: allowed the embedded diffusion world "
+                              "(experiment=diffusion); IMMA on Stable Diffusion is not wired yet")
 
     def __init__(self, lr: float = 5e-6, lr_defense: float = 2e-5, steps: int = 1000, batch_size: int = 1,
                  inner_steps: int = 1, outer_steps: int = 1, weight_decay: float = 1e-2, max_grad_norm: float = 1.0,

@@ -28,6 +28,7 @@ from harness.tiny_vit import world_from_dict
 from runner.objective import constrained_objective
 from runner.pipeline import _completed, check_writable, default_threshold, print_summary, timed
 from runner.report import log_run_report
+from runner.stable_diffusion import check_stable_diffusion, execute_stable_diffusion, is_stable_diffusion
 from runner.validate import validate
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,12 @@ def check_diffusion(cfg: DictConfig) -> None:
     """What the diffusion track cannot take (yet), in one line each, before any work."""
     if cfg.get("plan"):
         raise ConfigError("plan=true with diffusion data: allowed false (the memory plan knows causal LMs only)")
+    if is_stable_diffusion(cfg):  # real scale: a Stable Diffusion folder and a concept folder
+        return check_stable_diffusion(cfg)
     source = OmegaConf.select(cfg, "model.source")
     if source != "tiny_unet":
-        raise ConfigError(f"model.source={source!r} with diffusion data: allowed tiny_unet (model=tiny_unet)")
+        raise ConfigError(f"model.source={source!r} with diffusion data: allowed tiny_unet (model=tiny_unet) or "
+                          "stable_diffusion (model=stable_diffusion model.path=<folder>)")
     if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
         raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with diffusion data: allowed dist=none")
     if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
@@ -104,7 +108,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         logger.start(resolved, run_dir)
         record = {"schema_version": SCHEMA_VERSION, "status": "complete", "track": "diffusion", "config": resolved,
                   "config_hash": key, "provenance": {**provenance(), "world_size": 1}, "seed": cfg.seed,
-                  **execute(cfg, run_dir, run_dir / "attack_checkpoint" / key, logger),
+                  **(execute_stable_diffusion if is_stable_diffusion(cfg) else execute)(
+                      cfg, run_dir, run_dir / "attack_checkpoint" / key, logger),
                   "lm_eval": {"version": None, "task_versions": {}}}
         record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
         logger.summary({"post_attack/hazard_acc": record["metrics"]["post_attack"].get("hazard_acc"),

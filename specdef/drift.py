@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from harness.batches import encode
+from harness.concept_folder import ConceptData
 from harness.diffusion import DiffusionData, heldout_batch
 from harness.images import ImageData, pixel_values
 from specdef.core import set_module
@@ -84,10 +85,12 @@ def noise_drift(model: nn.Module, batch: dict, originals: dict[str, nn.Module]) 
     model.eval()
     param = next(model.parameters())
     inputs = (batch["sample"].to(param), batch["timestep"].to(param.device))
-    labels = batch["class_labels"].to(param.device)
+    # a class label (UNet2DModel), or a prompt's text embedding (UNet2DConditionModel, harness/concept_folder.py)
+    condition = ({"encoder_hidden_states": batch["encoder_hidden_states"].to(param)} if "encoder_hidden_states" in batch
+                 else {"class_labels": batch["class_labels"].to(param.device)})
     with swapped(model, originals):
-        ref = model(*inputs, class_labels=labels).sample.flatten(1).double()
-    out = model(*inputs, class_labels=labels).sample.flatten(1).double()
+        ref = model(*inputs, **condition).sample.flatten(1).double()
+    out = model(*inputs, **condition).sample.flatten(1).double()
     model.train(was_training)
     diff = out - ref
     largest = float(diff.abs().max()) if diff.numel() else 0.0
@@ -98,8 +101,10 @@ def noise_drift(model: nn.Module, batch: dict, originals: dict[str, nn.Module]) 
 
 
 def data_drift(model: nn.Module, tokenizer, data, originals: dict[str, nn.Module], samples: int) -> dict:
-    """The drift on `samples` held-out inputs of the run's data: noised eval images of the diffusion world,
+    """The drift on `samples` held-out inputs of the run's data: noised eval images (or latents) of the diffusion world,
     eval images of the image world, else text."""
+    if isinstance(data, ConceptData):
+        return noise_drift(model, data.drift_batch(samples), originals)
     if isinstance(data, DiffusionData):
         return noise_drift(model, heldout_batch(data, list(range(len(data.classes))),
                                                 -(-samples // len(data.classes)), seed=0), originals)

@@ -45,7 +45,8 @@ PAPER = {
 SPECDEF_PAPER = {"alpha": 1e4, "dtype": "float32", "strict_drift": True, "base_scale": "paper"}
 SPECDEF_VARIANTS = {"specdef": None, "specdef_all_linear": None, "specdef_elm": "elm", "specdef_elm_all_linear": "elm",
                     "specdef_vit": None, "specdef_vit_npo": "class_npo",
-                    "specdef_vit_cn": "condition_number", "specdef_unet": None, "specdef_unet_esd": "esd"}
+                    "specdef_vit_cn": "condition_number", "specdef_unet": None, "specdef_unet_esd": "esd",
+                    "specdef_sd": None, "specdef_sd_esd": "esd"}
 DEFENSES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "defense").glob("*.yaml"))
 
 
