@@ -53,8 +53,6 @@ def check_stable_diffusion(cfg: DictConfig) -> None:
     if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
         raise ConfigError("attack=none with diffusion data: allowed attack.steps=0 (any attack= scores the defended "
                           "model without fine-tuning it)")
-    if OmegaConf.select(cfg, "attack.peft") is not None:
-        raise ConfigError("attack.peft with model=stable_diffusion: allowed null (LoRA on the UNet is not wired yet)")
     check_rules(cfg, EVAL_RULES)
     check_sd_checkpoint(cfg.model.path, bool(OmegaConf.select(cfg, "model.trust_remote_code")))
     folders(cfg)

@@ -124,6 +124,27 @@ def test_run_py_rehearses_specdef_over_esd_on_stable_diffusion(tmp_path, assets)
     assert (tmp_path / "run" / "samples.png").is_file()
 
 
+def test_dreambooth_lora_around_specdef_trains_only_its_adapters(tmp_path, assets):
+    """attack/peft=lora on the SD UNet (DreamBooth-LoRA: every attention projection, self and cross) over SpecDef:
+    peft's adapters sit beside the defended projections (attacks/lora.py's `around`), and only they train."""
+    from diffusers import UNet2DConditionModel
+    from runner.diffusion import run
+    cfg = compose_cfg(*real_scale(assets, "defense=specdef_sd", "attack/peft=lora", "attack=adamw", "lr=1e-4"),
+                      f"paths.output_root={tmp_path}")
+    record = run(cfg, tmp_path / "run")
+    assert record["status"] == "complete" and record["attack"]["steps"] == 2
+    extra = record["attack"]["extra"]
+    unet = UNet2DConditionModel.from_pretrained(assets["model"] / "unet", use_safetensors=True)
+    targets = {name: m for name, m in unet.named_modules()
+               if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")}
+    assert len(targets) == 4 * 8  # 4 transformer blocks x (attn1, attn2) x (q, k, v, out)
+    assert extra["peft"] and extra["lora_placement"] == "around"
+    assert sorted(extra["lora_defended_layers"]) == sorted(targets)  # specdef_sd defends every one of them
+    r = cfg.attack.peft.r
+    assert extra["trainable_parameters"] == sum(r * (m.in_features + m.out_features) for m in targets.values())
+    assert record["attack"]["outcome"]["kind"] != "diverged"
+
+
 def test_labels_are_found_by_name_or_synonym():
     from harness.sd_eval import label_id
     assert [label_id(LABELS, x) for x in ("cross", "Square", "box", "squares")] == [0, 2, 2, None]
@@ -228,7 +249,6 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
     ("no_classifier", r"eval.classifier_path=None with eval.benign_labels=\[\]: the intact rule needs a utility"),
     ("splits", r"attack.data.splits=\[0, 1\]: allowed \[0\] \(the concept of data.prompt\)"),
     ("esd_splits", r"defense.forget_splits=\[0, 1\]: allowed \[0\]"),
-    ("lora", r"attack.peft with model=stable_diffusion: allowed null"),
     ("imma", r"defense=imma with data=concept_folder: allowed the embedded diffusion world"),
 ])
 def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, assets, case, message):
@@ -253,7 +273,7 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, asse
              "benign_pairs": ["eval.benign_labels=[square,disk]"],
              "no_classifier": ["eval.classifier_path=null", "eval.benign_labels=[]", "eval.benign_prompts=[]"],
              "splits": ["attack.data.splits=[0,1]"], "esd_splits": ["defense=esd", "defense.forget_splits=[0,1]"],
-             "lora": ["attack/peft=lora"], "imma": ["defense=imma"]}.get(case, [])
+             "imma": ["defense=imma"]}.get(case, [])
     cfg = compose_cfg(*real_scale(a, *extra), f"paths.output_root={tmp_path}")
     with pytest.raises(ConfigError, match=message) as err:
         run(cfg, tmp_path / "run")
