@@ -137,7 +137,6 @@ def test_relearning_esd_and_specdef_over_it(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("data.world.hazard=[cross,skull]", r"data.world.hazard: unknown class 'skull'; allowed disk, square"),
     ("defense=esd defense.forget_splits=[2]", r"defense.forget_splits=\[2\]: allowed a non-empty list of indices 0..1"),
-    ("attack/peft=lora", r"attack.peft with diffusion data: allowed null"),
     ("model=tiny_vit", r"model.source='tiny_vit' with diffusion data: allowed tiny_unet"),
     ("defense=esd defense.train_method=crossattn", r"defense.train_method='crossattn': allowed noxattn, xattn"),
     ("defense=esd attack.data.splits=[0,2]", r"attack.data.splits=\[0, 2\]: allowed indices 0..1 of the hazard classes"),
