@@ -101,11 +101,15 @@ def muon_split(model: torch.nn.Module) -> tuple[list, list]:
     """(hidden 2-D weights, the rest): the standard Muon recipe.
 
     Muon orthogonalises matrix updates, which suits the Linear weights inside the decoder blocks but
-    not lookup tables: input embeddings and the output head (even when 2-D) and every 1-D parameter
-    (norms, biases) go to the auxiliary optimizer.
+    not lookup tables: input embeddings and the output head (even when 2-D: an LM's lm_head, an image
+    classifier's `classifier`) and every 1-D parameter (norms, biases) go to the auxiliary optimizer, as
+    do tensors of other ranks (a ViT's patch convolution and position table, a UNet's convolutions), which
+    torch.optim.Muon refuses.
     """
     tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+        head = model.classifier  # transformers' *ForImageClassification: no output embeddings, a linear head
     if head is not None:
         tables |= {id(p) for p in head.parameters()}
     hidden, rest = [], []

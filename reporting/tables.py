@@ -105,7 +105,7 @@ def _get(d: dict, dotted: str, default=None):
 
 
 def _base_name(record: dict) -> str | None:
-    """The defense SpecDef was applied on top of (info.base.name, else config.defense.base)."""
+    """The defense SpecDef (or IMMA) was applied on top of (info.base.name, else config.defense.base)."""
     base = _get(record, "defense.base") or _get(record, "config.defense.base")
     if isinstance(base, dict):
         base = base.get("name") or str(base.get("_target_", "")).rsplit(".", 1)[-1] or None
@@ -125,10 +125,12 @@ def compensated(record: dict) -> bool:
 
 
 def defense_label(record: dict) -> str:
-    """Row name: the defense's name; SpecDef with its base and α, e.g. `specdef(elm, α=1e4)`."""
+    """Row name: the defense's name; SpecDef with its base and α, e.g. `specdef(elm, α=1e4)`; another defense
+    applied over a base with it, e.g. `imma(esd)` (IMMA over ESD is not IMMA on the pretrained model)."""
     name = _get(record, "defense.name") or _get(record, "config.defense.name") or "?"
     if not str(name).startswith("specdef"):
-        return str(name)
+        base = _base_name(record)
+        return f"{name}({base})" if base else str(name)
     parts = [p for p in (_base_name(record),) if p]
     alpha = _alpha(record)
     if not math.isnan(alpha):

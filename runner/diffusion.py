@@ -61,8 +61,6 @@ def check_diffusion(cfg: DictConfig) -> None:
     if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
         raise ConfigError("attack=none with diffusion data: allowed attack.steps=0 (any attack= scores the defended "
                           "model without fine-tuning it)")
-    if OmegaConf.select(cfg, "attack.peft") is not None:
-        raise ConfigError("attack.peft with diffusion data: allowed null (LoRA on the UNet is not wired yet)")
     check_rules(cfg, EVAL_RULES)
     world, spec, classifier = parts(cfg)  # an unknown class name or a bad spec stops here, in one line
     check_spec(spec)

@@ -86,6 +86,23 @@ def test_muon_gets_hidden_matrices_and_adamw_the_rest(tiny_model):
     assert sum(len(g["params"]) for o in opts for g in o.param_groups) == len(list(model.parameters()))
 
 
+def test_muon_on_the_image_models_keeps_the_head_and_non_matrices_with_adamw():
+    """The ViT's classifier is its output head (no get_output_embeddings); a UNet's convolutions are 4-D, which
+    torch.optim.Muon refuses: all go to AdamW, Muon takes the attention and MLP matrices."""
+    from harness.images import ImageWorldConfig
+    from harness import tiny_unet, tiny_vit
+    world = ImageWorldConfig()
+    for model, muon, adamw in [(tiny_vit.untrained(tiny_vit.TinyViTSpec(), world), "vit.layers.0.mlp.fc2.weight",
+                                "classifier.weight"),
+                               (tiny_unet.untrained(tiny_unet.TinyUNetSpec(), world), "mid_block.attentions.0.to_q.weight",
+                                "conv_in.weight")]:
+        hidden, rest = muon_split(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert muon in {names[id(p)] for p in hidden} and adamw in {names[id(p)] for p in rest}
+        assert all(p.ndim == 2 for p in hidden) and "classifier.weight" not in {names[id(p)] for p in hidden}
+        assert len(hidden) + len(rest) == len(list(model.parameters()))
+
+
 def test_lora_trains_only_adapters_and_the_evaluator_scores_the_peft_model(tiny_model, data, evaluator):
     model, tokenizer = tiny_model
     start = evaluator(model)

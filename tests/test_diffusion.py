@@ -137,7 +137,6 @@ def test_relearning_esd_and_specdef_over_it(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("data.world.hazard=[cross,skull]", r"data.world.hazard: unknown class 'skull'; allowed disk, square"),
     ("defense=esd defense.forget_splits=[2]", r"defense.forget_splits=\[2\]: allowed a non-empty list of indices 0..1"),
-    ("attack/peft=lora", r"attack.peft with diffusion data: allowed null"),
     ("model=tiny_vit", r"model.source='tiny_vit' with diffusion data: allowed tiny_unet"),
     ("defense=esd defense.train_method=crossattn", r"defense.train_method='crossattn': allowed noxattn, xattn"),
     ("defense=esd attack.data.splits=[0,2]", r"attack.data.splits=\[0, 2\]: allowed indices 0..1 of the hazard classes"),
@@ -169,14 +168,38 @@ def test_run_py_refuses_an_unknown_concept_in_one_line(tmp_path, run_py_refusal)
 def test_diffusion_table_preset_composes():
     from hydra.utils import instantiate
     from tests.conftest import compose_cfg
-    for attack, grid in {"sgd": [3e-2, 1e-1], "adam": [3e-4, 1e-3]}.items():
+    grids = {"sgd": [3e-2, 1e-1], "adam": [3e-4, 1e-3], "sophia": [1e-2, 3e-2], "adahessian": [1e-1, 3e-1],
+             "muon": [3e-4, 1e-3]}
+    for attack, grid in grids.items():
         for rank, lr in enumerate(grid):
             cfg = compose_cfg("experiment=diffusion_table", f"attack={attack}", f"diffusion_table.lr_rank={rank}")
             assert cfg.lr == pytest.approx(lr) and cfg.data.kind == "diffusion"
+    jobs = [dict(o.split("=", 1) for o in job) for job in sweep_jobs("experiment=diffusion_table")]
+    assert len(jobs) == 4 * (2 * 2 + 3)  # sgd and adam at both lrs, the curvature-aware ones at the upper one
+    assert {j["defense"] for j in jobs} == {"none", "esd", "imma_esd", "specdef_unet_esd"}
+    assert {j["attack"] for j in jobs if j["diffusion_table.lr_rank"] == "0"} == {"sgd", "adam"}
+    assert {j["attack"] for j in jobs if j["diffusion_table.lr_rank"] == "1"} == set(grids)
     defense = instantiate(compose_cfg("experiment=diffusion_table", "defense=specdef_unet_esd").defense)
     assert (defense.base, defense.alpha) == ("esd", 1e4)
     paper = instantiate(compose_cfg("experiment=diffusion", "defense=esd", "scale=paper").defense)
     assert (paper.lr, paper.iterations, paper.negative_guidance, paper.ddim_steps) == (1e-5, 1000, 1.0, 50)
+
+
+def sweep_jobs(*overrides: str) -> list[list[str]]:
+    """The jobs `python run.py -m <overrides>` launches: its sweeper's batches (the grid sweeper's skips applied)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.utils import instantiate
+    from tests.conftest import CONF_DIR
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        node = compose("config", overrides=list(overrides), return_hydra_config=True).hydra.sweeper
+    sweeper = instantiate(node)
+    params = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in node.params.items()])
+    sweeper.overrides = sweeper.split_arguments(params, sweeper.max_batch_size)
+    jobs = []
+    while not sweeper.is_done():
+        jobs += sweeper.get_job_batch()
+    return jobs
 
 
 def test_the_table_report_copies_each_jobs_sample_grid(tmp_path, monkeypatch):

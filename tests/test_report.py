@@ -344,3 +344,11 @@ def test_the_summary_gets_each_defenses_held_out_verdict():
     heldout = pd.DataFrame({"defense": ["none", "rmu", "rmu"], "optimizer": ["adam", "adam", "sgd"],
                             "knowledge": ["—", "hidden", "removed"]})
     assert list(with_knowledge(table1, heldout)[COLUMN]) == ["—", "hidden", "—"]
+
+
+def test_a_baseline_over_another_names_its_base():
+    """IMMA over ESD (defense=imma_esd) is not IMMA on the pretrained model: its row says so, as SpecDef's does."""
+    from reporting.tables import defense_label
+    assert defense_label(make_record("imma", base="esd")) == "imma(esd)"
+    assert defense_label(make_record("imma")) == "imma"
+    assert defense_label(make_record("specdef", alpha=1e4, base="esd")) == "specdef(esd, α=1e4)"

@@ -275,13 +275,26 @@ def test_class_npo_refuses_text_and_bad_classes(image_data):
         npo.hazard_images([])
 
 
+def sweep_params(*overrides: str) -> dict:
+    """The axes `python run.py -m <overrides>` sweeps (hydra.sweeper.params)."""
+    from hydra import compose, initialize_config_dir
+    from tests.conftest import CONF_DIR
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return dict(compose("config", overrides=list(overrides), return_hydra_config=True).hydra.sweeper.params)
+
+
 def test_vision_table_preset_takes_each_optimizers_own_grid():
     from hydra.utils import instantiate
     from tests.conftest import compose_cfg
-    for attack, grid in {"sgd": [1e-3, 3e-3], "adam": [1e-4, 3e-4]}.items():
+    grids = {"sgd": [1e-3, 3e-3], "adam": [1e-4, 3e-4], "sophia": [1e-2, 3e-2], "adahessian": [1e-2, 3e-2],
+             "muon": [1e-3, 3e-3]}
+    for attack, grid in grids.items():
         for rank, lr in enumerate(grid):
             cfg = compose_cfg("experiment=vision_table", f"attack={attack}", f"vision_table.lr_rank={rank}")
             assert cfg.lr == pytest.approx(lr) and cfg.data.kind == "images"
+    sweep = sweep_params("experiment=vision_table")
+    assert sweep["attack"].split(",") == list(grids) and sweep["vision_table.lr_rank"] == "0,1"
+    assert sweep["defense"] == "none,class_npo,specdef_vit_npo"
     cfg = compose_cfg("experiment=vision_table", "defense=specdef_vit_npo")
     defense = instantiate(cfg.defense)
     assert (defense.base, defense.layers, defense.alpha) == ("class_npo", ["vit.layers.*.mlp.fc2"], 1e4)

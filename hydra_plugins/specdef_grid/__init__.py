@@ -1,0 +1,1 @@
+"""The grid-less-some-jobs Hydra sweeper, registered where Hydra looks for plugins (see grid_sweeper.py)."""
