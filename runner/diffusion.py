@@ -28,7 +28,7 @@ from harness.tiny_vit import world_from_dict
 from runner.objective import constrained_objective
 from runner.pipeline import _completed, check_writable, default_threshold, print_summary, timed
 from runner.report import log_run_report
-from runner.stable_diffusion import check_stable_diffusion, execute_stable_diffusion, is_stable_diffusion
+from runner.stable_diffusion import check_stable_diffusion, is_stable_diffusion, prepare_stable_diffusion
 from runner.validate import validate
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,17 @@ def check_diffusion(cfg: DictConfig) -> None:
     """What the diffusion track cannot take (yet), in one line each, before any work."""
     if cfg.get("plan"):
         raise ConfigError("plan=true with diffusion data: allowed false (the memory plan knows causal LMs only)")
+    if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
+        raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with diffusion data: allowed dist=none")
+    if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
+        raise ConfigError("attack=none with diffusion data: allowed attack.steps=0 (any attack= scores the defended "
+                          "model without fine-tuning it)")
     if is_stable_diffusion(cfg):  # real scale: a Stable Diffusion folder and a concept folder
         return check_stable_diffusion(cfg)
     source = OmegaConf.select(cfg, "model.source")
     if source != "tiny_unet":
         raise ConfigError(f"model.source={source!r} with diffusion data: allowed tiny_unet (model=tiny_unet) or "
                           "stable_diffusion (model=stable_diffusion model.path=<folder>)")
-    if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
-        raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with diffusion data: allowed dist=none")
-    if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
-        raise ConfigError("attack=none with diffusion data: allowed attack.steps=0 (any attack= scores the defended "
-                          "model without fine-tuning it)")
     check_rules(cfg, EVAL_RULES)
     world, spec, classifier = parts(cfg)  # an unknown class name or a bad spec stops here, in one line
     check_spec(spec)
@@ -106,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         logger.start(resolved, run_dir)
         record = {"schema_version": SCHEMA_VERSION, "status": "complete", "track": "diffusion", "config": resolved,
                   "config_hash": key, "provenance": {**provenance(), "world_size": 1}, "seed": cfg.seed,
-                  **(execute_stable_diffusion if is_stable_diffusion(cfg) else execute)(
+                  **execute(
                       cfg, run_dir, run_dir / "attack_checkpoint" / key, logger),
                   "lm_eval": {"version": None, "task_versions": {}}}
         record["objective"] = constrained_objective(record, OmegaConf.select(cfg, "objective"))
@@ -130,9 +130,8 @@ def load_models(cfg: DictConfig, world, spec, classifier_spec):
     return unet.to(device=cfg.model.device), classifier
 
 
-def execute(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path, logger) -> dict:
-    """World, models, defense, attack: the record's timings, metrics, defense and attack; and the sample grid."""
-    timings: dict = {}
+def prepare_embedded(cfg: DictConfig, timings: dict):
+    """(UNet, world data, evaluator, the sample grid's row names, nothing more for the record) of the embedded track."""
     world, spec, classifier_spec = parts(cfg)
     with timed(timings, "data"):
         data = world_data(world, spec)
@@ -141,12 +140,21 @@ def execute(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path, logger) -> dic
     e = cfg.eval
     evaluator = DiffusionEvaluator(data, classifier, e.samples_per_class, e.sampling_steps, e.guidance_scale,
                                    e.seed, e.heldout_per_class)
+    return model, data, evaluator, data.classes, {}
+
+
+def execute(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path, logger) -> dict:
+    """Models, data, defense, attack: the record's timings, metrics, defense and attack; and the sample grid.
+    The embedded UNet or Stable Diffusion's (runner/stable_diffusion.py) differ in what they load only."""
+    timings: dict = {}
+    prepare = prepare_stable_diffusion if is_stable_diffusion(cfg) else prepare_embedded
+    model, data, evaluator, rows, extra = prepare(cfg, timings)
     with timed(timings, "eval_base"):
         base = evaluator(model)
     grid = {"undefended": evaluator.last_samples}
     defense = instantiate(cfg.defense)
     with timed(timings, "defense"):
-        model = defense(model, None, data)  # no tokenizer; SpecDef measures its drift on noised eval images
+        model = defense(model, None, data)  # no tokenizer; SpecDef measures its drift on noised held-out images
     with timed(timings, "eval_pre_attack"):
         pre = base if defense.name == "none" else evaluator(model)
     base_name = defense.info.get("base", {}).get("name")
@@ -155,12 +163,12 @@ def execute(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path, logger) -> dic
     attack = instantiate(cfg.attack)
     threshold = attack.recover_threshold
     if threshold is None:  # a share of the undefended model's concept rate (sampling makes it a noisy number)
-        threshold = e.recover_fraction * default_threshold(attack, base, data)
+        threshold = cfg.eval.recover_fraction * default_threshold(attack, base, data)
     with timed(timings, "attack"):
         result = attack(model, None, data, evaluator, start=pre, threshold=threshold,
                         on_eval=lambda point: logger.log(point, step=point["step"]), checkpoint_dir=checkpoint_dir)
     grid[f"attacked ({attack.name}, lr {cfg.lr:g}, {result.steps} steps)"] = evaluator.last_samples
-    save_grid(grid, data.classes, run_dir / GRID_NAME)
-    return {"timings": timings, "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final},
+    save_grid(grid, rows, run_dir / GRID_NAME)
+    return {"timings": timings, "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final}, **extra,
             "defense": {"name": defense.name, **defense.info},
             "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()}}

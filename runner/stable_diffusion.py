@@ -12,22 +12,18 @@ inside them, and an evaluation that samples from the UNet and has an image class
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.concept_folder import check_prompt, concept_data, scan_images
-from harness.diffusion_eval import save_grid
 from harness.errors import ConfigError
 from harness.models import resolve_device
 from harness.rules import check_rules, non_negative, or_none, positive_int, unit_interval
 from harness.sd_eval import SDEvaluator, check_classifier, load_classifier
 from harness.stable_diffusion import check_sd_checkpoint, load_stable_diffusion
-from runner.pipeline import default_threshold, timed
+from runner.pipeline import timed
 
 log = logging.getLogger(__name__)
-GRID_NAME = "samples.png"  # as runner/diffusion.py's
 EVAL_RULES = [
     ("eval.samples_per_prompt", positive_int, "an integer >= 1"),
     ("eval.sampling_steps", positive_int, "an integer >= 1"),
@@ -48,11 +44,6 @@ def check_stable_diffusion(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "data.name") != "concept_folder":
         raise ConfigError(f"data={OmegaConf.select(cfg, 'data.name')} with model=stable_diffusion: allowed "
                           "data=concept_folder (data.path=<the concept's images> data.prompt=<its prompt>)")
-    if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
-        raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with diffusion data: allowed dist=none")
-    if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):
-        raise ConfigError("attack=none with diffusion data: allowed attack.steps=0 (any attack= scores the defended "
-                          "model without fine-tuning it)")
     check_rules(cfg, EVAL_RULES)
     check_sd_checkpoint(cfg.model.path, bool(OmegaConf.select(cfg, "model.trust_remote_code")))
     folders(cfg)
@@ -86,9 +77,9 @@ def folders(cfg: DictConfig) -> tuple[dict, dict]:
             scan_images(d.benign_path, "data.benign_path", d.eval_fraction, d.seed, d.max_images))
 
 
-def execute_stable_diffusion(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path, logger) -> dict:
-    """Checkpoint, concept, defense, attack: the record's timings, metrics, defense and attack; and the sample grid."""
-    timings: dict = {}
+def prepare_stable_diffusion(cfg: DictConfig, timings: dict):
+    """(UNet, concept data, evaluator, the sample grid's row names, the record's `concept` entry): what
+    runner/diffusion.py's defend-and-attack steps take, at real scale."""
     d, e = cfg.data, cfg.eval
     with timed(timings, "load_model"):
         sd = load_stable_diffusion(cfg.model.path, cfg.model.dtype, cfg.model.device)
@@ -100,30 +91,8 @@ def execute_stable_diffusion(cfg: DictConfig, run_dir: Path, checkpoint_dir: Pat
     evaluator = SDEvaluator(sd, data, classifier, e.concept_label, list(e.benign_prompts or []),
                             list(e.benign_labels or []), e.samples_per_prompt, e.sampling_steps, e.guidance_scale,
                             e.seed, e.heldout_images)
-    with timed(timings, "eval_base"):
-        base = evaluator(sd.unet)
-    grid = {"undefended": evaluator.last_samples}
-    defense = instantiate(cfg.defense)
-    with timed(timings, "defense"):
-        model = defense(sd.unet, None, data)  # the UNet; SpecDef measures its drift on noised held-out latents
-    with timed(timings, "eval_pre_attack"):
-        pre = base if defense.name == "none" else evaluator(model)
-    base_name = defense.info.get("base", {}).get("name")
-    grid[f"defended ({defense.name}{f' over {base_name}' if base_name else ''})"] = evaluator.last_samples
-    logger.log({f"pre_attack/{k}": v for k, v in pre.items()}, step=0)
-    attack = instantiate(cfg.attack)
-    threshold = attack.recover_threshold
-    if threshold is None:  # a share of the undefended model's concept rate, as in the embedded track
-        threshold = e.recover_fraction * default_threshold(attack, base, data)
-    with timed(timings, "attack"):
-        result = attack(model, None, data, evaluator, start=pre, threshold=threshold,
-                        on_eval=lambda point: logger.log(point, step=point["step"]), checkpoint_dir=checkpoint_dir)
-    grid[f"attacked ({attack.name}, lr {cfg.lr:g}, {result.steps} steps)"] = evaluator.last_samples
-    save_grid(grid, evaluator.rows, run_dir / GRID_NAME)
-    return {"timings": timings, "metrics": {"base": base, "pre_attack": pre, "post_attack": result.final},
-            "concept": {"prompt": d.prompt, "benign_prompt": d.benign_prompt, "label": e.concept_label,
-                        "images": {k: len(v) for k, v in concept.items()},
-                        "benign_images": {k: len(v) for k, v in benign.items()},
-                        "resolution": sd.resolution, "latent_shape": list(data.latent_shape)},
-            "defense": {"name": defense.name, **defense.info},
-            "attack": {"name": attack.name, "lr": cfg.lr, **result.summary()}}
+    record = {"concept": {"prompt": d.prompt, "benign_prompt": d.benign_prompt, "label": e.concept_label,
+                          "images": {k: len(v) for k, v in concept.items()},
+                          "benign_images": {k: len(v) for k, v in benign.items()},
+                          "resolution": sd.resolution, "latent_shape": list(data.latent_shape)}}
+    return sd.unet, data, evaluator, evaluator.rows, record
