@@ -62,12 +62,14 @@ def classify(classifier: torch.nn.Module, samples: torch.Tensor, batch_size: int
 
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, batch: dict) -> float:
-    """Denoising MSE on a fixed held-out batch; inf when the prediction is not finite."""
+    """Denoising MSE on a fixed held-out batch; inf when the prediction is not finite. The batch's other keys
+    are the condition the model takes (`class_labels` of the tiny UNet, `encoder_hidden_states` of SD's)."""
     was_training = model.training
     model.eval()
     param = next(model.parameters())
-    pred = model(batch["sample"].to(param), batch["timestep"].to(param.device),
-                 class_labels=batch["class_labels"].to(param.device)).sample.float().cpu()
+    condition = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in batch.items() if k not in ("sample", "timestep", "target")}
+    pred = model(batch["sample"].to(param), batch["timestep"].to(param.device), **condition).sample.float().cpu()
     model.train(was_training)
     loss = float(torch.nn.functional.mse_loss(pred, batch["target"]))
     return loss if math.isfinite(loss) else float("inf")

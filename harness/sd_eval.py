@@ -23,13 +23,13 @@ Without a classifier `hazard_acc` and `utility_acc` are NaN (nothing can recover
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from harness.concept_folder import ConceptData
+from harness.diffusion_eval import heldout_loss
 from harness.errors import ConfigError
 from harness.models import check_model_path
 
@@ -119,19 +119,6 @@ def classify(classifier: torch.nn.Module, inputs: dict, images: torch.Tensor, ba
         x = ((x + 1) / 2 - mean) / std
         out.append(classifier(pixel_values=x.to(param)).logits.argmax(-1).cpu())
     return torch.cat(out)
-
-
-@torch.no_grad()
-def heldout_loss(unet: torch.nn.Module, batch: dict) -> float:
-    """Noise-prediction MSE on a fixed held-out batch; inf when the prediction is not finite."""
-    was_training = unet.training
-    unet.eval()
-    param = next(unet.parameters())
-    pred = unet(batch["sample"].to(param), batch["timestep"].to(param.device),
-                encoder_hidden_states=batch["encoder_hidden_states"].to(param)).sample.float().cpu()
-    unet.train(was_training)
-    loss = float(F.mse_loss(pred, batch["target"]))
-    return loss if math.isfinite(loss) else float("inf")
 
 
 class SDEvaluator:
