@@ -26,7 +26,7 @@ from harness.tiny_unet import check_spec, ensure_tiny_unet, load_tiny_unet, spec
 from harness.tiny_vit import check_spec as check_vit_spec, ensure_tiny_vit, load_tiny_vit, spec_from_dict as vit_spec
 from harness.tiny_vit import world_from_dict
 from runner.objective import constrained_objective
-from runner.pipeline import _completed, check_writable, default_threshold, print_summary, timed
+from runner.pipeline import _completed, check_writable, default_threshold, defend, print_summary, timed
 from runner.report import log_run_report
 from runner.stable_diffusion import check_stable_diffusion, is_stable_diffusion, prepare_stable_diffusion
 from runner.validate import validate
@@ -154,7 +154,8 @@ def execute(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path, logger) -> dic
     grid = {"undefended": evaluator.last_samples}
     defense = instantiate(cfg.defense)
     with timed(timings, "defense"):
-        model = defense(model, None, data)  # no tokenizer; SpecDef measures its drift on noised held-out images
+        # no tokenizer; SpecDef measures its drift on noised held-out images; the cache holds the defended state dict
+        model = defend(cfg, defense, model, None, data, Path(cfg.paths.cache_dir).expanduser(), causal_lm=False)
     with timed(timings, "eval_pre_attack"):
         pre = base if defense.name == "none" else evaluator(model)
     base_name = defense.info.get("base", {}).get("name")

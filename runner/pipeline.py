@@ -43,13 +43,14 @@ def timed(timings: dict, stage: str):
         timings[stage] = round(time.perf_counter() - t0, 3)
 
 
-def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Path):
+def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Path, causal_lm: bool = True):
     """Apply the defense, or load its result from the cache: a sweep of 15 attacks on one defended
     model trains the defense once. Keyed by model, data and defense config, the defense's code and
-    the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only."""
+    the input weights (a regenerated tiny model or a new hub revision keeps the config); safetensors only.
+    `causal_lm=False` (the image tracks' models): the cache holds the state dict, loaded onto `model`."""
     if defense.name == "none" or not getattr(defense, "cacheable", True) or not cfg.cache_defended:
         return defense(model, tokenizer, data)
-    from specdef.release import load_defended
+    from specdef.release import load_defended, load_defended_state
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data", "defense")}
     parts["code"] = _source_digest(hooks.cache_sources(cfg.defense))  # edited method code must not be served
     parts["weights"] = model_fingerprint(model)
@@ -62,12 +63,14 @@ def defend(cfg: DictConfig, defense, model, tokenizer, data: Data, cache_dir: Pa
         # rank 0 decides for all: a parallel job may complete the folder between two ranks' looks
         if distributed.broadcast(info_path.is_file() and verify_manifest(folder) is None):
             log.info("defended model loaded from the cache %s", folder)
-            cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
             defense.info = {**json.loads(info_path.read_text()), "cached_from": str(folder)}
+            if not causal_lm:
+                return load_defended_state(model, folder)
+            cached, _ = load_defended(folder, attn_implementation=model.config._attn_implementation)
             return cached.to(next(model.parameters()).device)
         model = defense(model, tokenizer, data)
         if distributed.is_main():
-            _cache_defended(model, defense, folder)
+            _cache_defended(model, defense, folder, causal_lm)
         return model
 
 
@@ -83,11 +86,14 @@ def use_attack_attention(model, attack_cfg) -> None:
         model.set_attn_implementation("eager")
 
 
-def _cache_defended(model, defense, folder: Path) -> None:
-    from specdef.release import manifest_record, save_defended
+def _cache_defended(model, defense, folder: Path, causal_lm: bool = True) -> None:
+    from specdef.release import manifest_record, save_defended, save_defended_state
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_defended(model, None, tmp, record=manifest_record(defense.info))
+    if causal_lm:
+        save_defended(model, None, tmp, record=manifest_record(defense.info))
+    else:
+        save_defended_state(model, tmp, record=manifest_record(defense.info))
     write_json_atomic(tmp / "defense_info.json", defense.info)
     if folder.exists() and verify_manifest(folder) is not None:
         shutil.rmtree(folder)  # a corrupt earlier copy

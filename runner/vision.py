@@ -8,7 +8,8 @@ data.path=<folder>); a checkpoint's head is fitted to the run's classes (harness
 here instead of runner/pipeline.py: the steps and the record are the pipeline's, and the defense and the
 attack are the same `_target_` configs (conf/defense, conf/attack) called through the same interfaces
 (harness/interfaces.py); what differs is only what the language pipeline builds around a causal LM
-(tokenizer, lm-eval tasks, the defended-model cache, the memory plan), which an image classifier lacks.
+(tokenizer, lm-eval tasks, the memory plan), which an image classifier lacks; the defended-model cache
+holds its state dict (runner.pipeline.defend with causal_lm=False).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance,
 from harness.tiny_vit import check_spec, ensure_tiny_vit, load_tiny_vit, spec_from_dict, world_from_dict
 from harness.vision_eval import VisionEvaluator
 from runner.objective import constrained_objective
-from runner.pipeline import _completed, check_writable, default_threshold, print_summary, timed
+from runner.pipeline import _completed, check_writable, default_threshold, defend, print_summary, timed
 from runner.report import log_run_report
 from runner.validate import validate
 
@@ -151,7 +152,8 @@ def execute(cfg: DictConfig, checkpoint_dir: Path, logger) -> dict:
         base = evaluator(model)
     defense = instantiate(cfg.defense)
     with timed(timings, "defense"):
-        model = defense(model, None, data)  # no tokenizer; SpecDef measures its drift on eval images
+        # no tokenizer; SpecDef measures its drift on eval images; the cache holds the defended state dict
+        model = defend(cfg, defense, model, None, data, Path(cfg.paths.cache_dir).expanduser(), causal_lm=False)
     with timed(timings, "eval_pre_attack"):
         pre = base if defense.name == "none" else evaluator(model)
     logger.log({f"pre_attack/{k}": v for k, v in pre.items()}, step=0)

@@ -151,3 +151,33 @@ def load_defended(directory: str | Path, **from_pretrained_kwargs):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
     return model, tokenizer
+
+
+# A defended model that is not a Hugging Face causal LM (the image tracks' ViT and UNets): its whole state dict
+# in one safetensors file, rebuilt onto a fresh copy of the undefended model, which supplies the architecture.
+STATE_FILE = "defended.safetensors"
+
+
+def save_defended_state(model: nn.Module, directory: str | Path, record: dict | None = None) -> Path:
+    """Write `model`'s state dict and a manifest of its SpecDef layers (none for a baseline) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(directory / STATE_FILE))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_manifest(directory, {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype,
+                               "layers": layer_entries(model), **(record or {})})
+    return directory
+
+
+def load_defended_state(model: nn.Module, directory: str | Path) -> nn.Module:
+    """`model` (the undefended one the defense started from) turned into the saved defended model: each SpecDef
+    layer of the manifest wrapped with its compensation, then every tensor loaded, strictly; bit-exact."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    with safe_open(str(directory / STATE_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for entry in manifest["layers"]:
+        _insert(model, entry, state[f"{entry['name']}.comp.weight"], directory)
+    problems = model.load_state_dict(state, strict=False)
+    _check_loading(directory, problems._asdict(), set())
+    return model.eval()

@@ -16,7 +16,7 @@ from harness.errors import ConfigError
 from harness.images import ImageWorldConfig
 from harness.tiny_unet import TinyUNetSpec, ensure_tiny_unet, load_tiny_unet, untrained, world_data
 from harness.tiny_vit import TinyViTSpec, ensure_tiny_vit, load_tiny_vit
-from tests.conftest import CACHE_DIR
+from tests.conftest import CACHE_DIR, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -97,6 +97,31 @@ def test_specdef_on_unet_is_exact(unet_path, diffusion_data):
     assert (defended - reference).norm() / reference.norm() < 1e-3
     assert defense.info["drift"]["rel_logit_error"] < 1e-3 and defense.info["drift"]["tokens"] == 64
     assert all(abs(r - 1) < 1e-2 for r in defense.info["sigma_ratio"].values())
+
+
+def test_a_defended_unet_is_cached_and_served_bit_exact(unet_path, diffusion_data, tmp_path, monkeypatch):
+    """SpecDef over ESD: the first run trains and caches the defended UNet (state dict + SpecDef manifest), the
+    next one with the same config serves it without training: the same tensors, the same noise prediction."""
+    from baselines.esd import ESD
+    from hydra.utils import instantiate
+    from runner.pipeline import defend
+    cfg = compose_cfg("experiment=diffusion", "defense=specdef_unet_esd", "+defense.base_overrides.iterations=3")
+    built = defend(cfg, instantiate(cfg.defense), unet(unet_path), None, diffusion_data, tmp_path, causal_lm=False)
+    assert len(list((tmp_path / "defended").glob("*/defended.safetensors"))) == 1
+
+    def no_training(*_a, **_k):
+        raise AssertionError("trained although the defended model is cached")
+    monkeypatch.setattr(ESD, "__call__", no_training)
+    again = instantiate(cfg.defense)
+    served = defend(cfg, again, unet(unet_path), None, diffusion_data, tmp_path, causal_lm=False)
+    assert again.info["cached_from"].startswith(str(tmp_path)) and again.info["base"]["name"] == "esd"
+    a, b = built.state_dict(), served.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    batch = _batch(diffusion_data)
+    with torch.no_grad():
+        outputs = [m(batch["sample"], batch["timestep"], class_labels=batch["class_labels"]).sample
+                   for m in (built, served)]
+    assert torch.equal(*outputs)
 
 
 def _batch(data, n=4):
