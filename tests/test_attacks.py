@@ -210,6 +210,18 @@ def test_every_attack_config_instantiates():
         assert attack.name == name
 
 
+def test_a_sweep_job_folder_is_one_folder_whatever_paths_the_command_sets():
+    """The job folder's name (hydra.sweep.subdir: job number and overrides) leaves out path-valued overrides,
+    whose slashes would nest it; the sweep's values stay in it."""
+    from hydra import compose, initialize_config_dir
+    from tests.conftest import CONF_DIR
+    overrides = ["experiment=vision", "model=vit", "model.path=/models/vit-b16", "data=image_folder",
+                 "data.path=/data/cars", "paths.output_root=/abs/out", "attack=sgd", "lr=1e-3"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "attack=sgd,data=image_folder,lr=1e-3,model=vit"
+
+
 def test_two_job_multirun_writes_a_record_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     out = subprocess.run([sys.executable, "run.py", "-m", "attack=sgd,adam", "attack.steps=2",
