@@ -117,6 +117,8 @@ def test_a_defended_unet_is_cached_and_served_bit_exact(unet_path, diffusion_dat
     assert again.info["cached_from"].startswith(str(tmp_path)) and again.info["base"]["name"] == "esd"
     a, b = built.state_dict(), served.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    flags = [{n: p.requires_grad for n, p in m.named_parameters()} for m in (built, served)]
+    assert flags[0] == flags[1]  # what the attack may train is the same
     batch = _batch(diffusion_data)
     with torch.no_grad():
         outputs = [m(batch["sample"], batch["timestep"], class_labels=batch["class_labels"]).sample
