@@ -176,6 +176,49 @@ def test_esd_x_trains_only_the_cross_attention(assets):
     assert defense.info["trained_parameters"] == sum(p.numel() for n, p in unet.named_parameters() if ".attn2." in n)
 
 
+def test_imma_on_the_sd_unet_releases_only_its_attention_projections(assets):
+    """IMMA's game on the concept folder: the simulated attacker fine-tunes the whole UNet on the concept's latents
+    under its prompt, the defender raises that loss through the attention projections; the release is the
+    pretrained UNet with the defender's attention projections, every other weight as it was."""
+    from baselines.imma import ATTENTION, IMMA
+    from harness.concept_folder import concept_data
+    from harness.stable_diffusion import load_stable_diffusion
+    from runner.stable_diffusion import folders
+    sd = load_stable_diffusion(str(assets["model"]))
+    data = concept_data(sd, *folders(compose_cfg(*real_scale(assets))), PROMPT, BENIGN_PROMPT, "cross")
+    before = {n: p.detach().clone() for n, p in sd.unet.named_parameters()}
+    batch = next(data.attack_batches({"source": "forget", "splits": [0]}, 5, seed=1))
+    with torch.no_grad():
+        loss_before = float(data.loss(sd.unet, batch))
+    defense = IMMA(lr=1e-3, lr_defense=1e-2, steps=6, batch_size=2, forget_splits=[0])
+    unet = defense(sd.unet, None, data)
+    moved = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    attention = {n for n in before if any(a in n for a in ATTENTION)}
+    assert moved and moved <= attention
+    assert {".attn1.", ".attn2."} <= {part for n in moved for part in (".attn1.", ".attn2.") if part in n}
+    assert defense.info["immunized_classes"] == [PROMPT]
+    assert defense.info["defended_parameters"] == sum(before[n].numel() for n in attention)
+    assert set(defense.info["final_terms"]) >= {"attacker_loss", "defender_loss"}
+    with torch.no_grad():  # the defender's steps raise the concept's denoising loss
+        assert float(data.loss(unet, batch)) > loss_before
+
+
+def test_run_py_rehearses_imma_over_esd_on_stable_diffusion(tmp_path, assets):
+    """defense=imma_esd at scale=diffusion_paper: ESD-x with its authors' values, then IMMA with theirs (only the
+    step counts shortened), then the DreamBooth attack, through run.py's diffusion runner."""
+    from runner.diffusion import run
+    cfg = compose_cfg(*real_scale(assets, "defense=imma_esd", "defense.steps=2", "+defense.base_overrides.iterations=2",
+                                  "+defense.base_overrides.ddim_steps=2", "attack=adamw"),
+                      f"paths.output_root={tmp_path}")
+    record = run(cfg, tmp_path / "run")
+    assert record["status"] == "complete" and record["attack"]["steps"] == 2
+    imma, esd = record["defense"], record["defense"]["base"]
+    assert (imma["name"], imma["train_steps"], imma["immunized_classes"]) == ("imma", 2, [PROMPT])
+    assert (esd["name"], esd["train_method"], esd["train_steps"], esd["erased_classes"]) == ("esd", "xattn", 2, [PROMPT])
+    own = record["config"]["defense"]
+    assert (own["lr"], own["lr_defense"], own["base_scale"]) == (5e-6, 2e-5, "diffusion_paper")
+
+
 def test_specdef_on_the_sd_unet_is_exact(assets):
     """Same noise prediction (text-conditioned) to float tolerance before and after SpecDef on every layer of specdef_sd."""
     from harness.concept_folder import concept_data
@@ -249,7 +292,7 @@ def _bad_pipeline(root: Path, model: Path, case: str) -> Path:
     ("no_classifier", r"eval.classifier_path=None with eval.benign_labels=\[\]: the intact rule needs a utility"),
     ("splits", r"attack.data.splits=\[0, 1\]: allowed \[0\] \(the concept of data.prompt\)"),
     ("esd_splits", r"defense.forget_splits=\[0, 1\]: allowed \[0\]"),
-    ("imma", r"defense=imma with data=concept_folder: allowed the embedded diffusion world"),
+    ("imma_splits", r"defense.forget_splits=\[0, 1\]: allowed \[0\] \(the concept of data.prompt\)"),
 ])
 def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, assets, case, message):
     import runner.stable_diffusion as sd_runner
@@ -273,7 +316,7 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, asse
              "benign_pairs": ["eval.benign_labels=[square,disk]"],
              "no_classifier": ["eval.classifier_path=null", "eval.benign_labels=[]", "eval.benign_prompts=[]"],
              "splits": ["attack.data.splits=[0,1]"], "esd_splits": ["defense=esd", "defense.forget_splits=[0,1]"],
-             "imma": ["defense=imma"]}.get(case, [])
+             "imma_splits": ["defense=imma", "defense.forget_splits=[0,1]"]}.get(case, [])
     cfg = compose_cfg(*real_scale(a, *extra), f"paths.output_root={tmp_path}")
     with pytest.raises(ConfigError, match=message) as err:
         run(cfg, tmp_path / "run")
@@ -310,3 +353,10 @@ def test_the_paper_preset_holds_the_authors_values():
     assert (cfg.lr, cfg.attack.steps, cfg.attack.batch_size, list(cfg.attack.data.splits)) == (5e-6, 400, 1, [0])
     specdef = compose_cfg("scale=diffusion_paper", "defense=specdef_sd_esd").defense
     assert (specdef.alpha, specdef.base, specdef.base_scale, specdef.strict_drift) == (1e4, "esd", "diffusion_paper", True)
+    imma = instantiate(compose_cfg("scale=diffusion_paper", "defense=imma_esd").defense)
+    assert (imma.lr, imma.lr_defense, imma.steps, imma.batch_size, imma.inner_steps, imma.outer_steps) == (
+        5e-6, 2e-5, 1000, 1, 1, 1)
+    assert (imma.forget_splits, imma.base, imma.base_scale) == ([0], "esd", "diffusion_paper")
+    from specdef.defense import load_base_config
+    base = load_base_config(imma.base, imma.base_overrides, imma.base_scale)
+    assert (base.train_method, base.lr, base.iterations, list(base.forget_splits)) == ("xattn", 1e-5, 1000, [0])
