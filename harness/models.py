@@ -62,6 +62,26 @@ def check_model_path(path, *, key: str = "model.path", revision: str | None = No
                           f"reachable (`hf download {path}`)") from None
 
 
+def local_folder(path, key: str, patterns: list[str], revision: str | None = None) -> Path:
+    """`path` as a local folder: itself, or the snapshot of a hub id (owner/name) holding only the files that
+    match `patterns`, from the local Hugging Face cache (offline) or downloaded into it; else one ConfigError
+    line naming `key`. The patterns keep a hub repository's pickles, variants and checkpoints out."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}={path!r}: allowed a local folder or a hub id (owner/name)")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"{key}={path!r}: no such folder; allowed a local folder or a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=list(patterns)))
+    except Exception as e:  # noqa: BLE001 - offline, gated, or missing all read the same to the user
+        raise ConfigError(f"{key}={path!r}: not in the local Hugging Face cache and not reachable "
+                          f"({type(e).__name__}); allowed a local folder, or download it where the hub is "
+                          f"reachable (`hf download {path}`)") from None
+
+
 def tiny_spec(cfg) -> tiny.TinySpec:
     spec = dict(cfg.spec)
     spec["exclude_splits"] = tuple(spec.get("exclude_splits") or ())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from harness.concept_folder import ConceptData
 from harness.diffusion_eval import heldout_loss
 from harness.errors import ConfigError
-from harness.models import check_model_path
+from harness.models import check_model_path, local_folder
 
 
 def label_id(id2label: dict, label: str) -> int | None:
@@ -44,13 +44,22 @@ def label_id(id2label: dict, label: str) -> int | None:
     return None
 
 
+CLASSIFIER_FILES = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+
+
+def classifier_folder(path) -> Path:
+    """The classifier's local folder: `path` itself, or a hub id's snapshot of its config and safetensors."""
+    return local_folder(path, "eval.classifier_path", CLASSIFIER_FILES)
+
+
 def check_classifier(path, concept_label, benign_labels, benign_prompts) -> dict | None:
-    """The classifier folder's config.json, or one ConfigError line: no safetensors, not an image classifier,
-    a concept or benign label it does not know, benign labels that do not pair with the prompts."""
+    """The classifier folder's (or hub id's) config.json, or one ConfigError line: no safetensors, not an image
+    classifier, a concept or benign label it does not know, benign labels that do not pair with the prompts."""
     if path is None:
         return None
-    check_model_path(path, key="eval.classifier_path")
-    config_file = Path(path).expanduser() / "config.json"
+    folder = classifier_folder(path)
+    check_model_path(str(folder), key="eval.classifier_path")
+    config_file = folder / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     id2label = config.get("id2label") or {}
     if not any(a.endswith("ForImageClassification") for a in config.get("architectures") or []) or not id2label:
@@ -72,9 +81,10 @@ def load_classifier(path: str, device) -> tuple[torch.nn.Module, dict]:
     """(classifier, its input: size, mean, std): the folder's preprocessor_config.json if it has one,
     else its config's image_size and mean = std = 0.5."""
     from transformers import AutoModelForImageClassification
-    model = AutoModelForImageClassification.from_pretrained(str(Path(path).expanduser()), use_safetensors=True,
+    folder = classifier_folder(path)
+    model = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True,
                                                             trust_remote_code=False).to(device).eval()
-    pre_file = Path(path).expanduser() / "preprocessor_config.json"
+    pre_file = folder / "preprocessor_config.json"
     pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
     size = pre.get("size", {}).get("height") if isinstance(pre.get("size"), dict) else pre.get("size")
     return model, {"size": int(size or model.config.image_size), "mean": pre.get("image_mean", [0.5] * 3),

@@ -1,4 +1,6 @@
-"""A Stable Diffusion checkpoint as the diffusion track's real-scale model (`model=stable_diffusion model.path=<folder>`).
+"""A Stable Diffusion checkpoint as the diffusion track's real-scale model (`model=stable_diffusion model.path=<folder>`,
+or a hub id such as CompVis/stable-diffusion-v1-4: only the files below are taken from it, through the local Hugging
+Face cache, never its pickles, fp16 variants or single-file checkpoints).
 
 The folder is a diffusers pipeline saved with `save_pretrained(safe_serialization=True)` (what the hub's
 runwayml / stabilityai repositories hold): `unet/` (UNet2DConditionModel), `vae/` (AutoencoderKL),
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import ConfigError
-from harness.models import DTYPES, resolve_device
+from harness.models import DTYPES, local_folder, resolve_device
 
 # component folder -> the class it must hold (config.json's _class_name for diffusers models)
 COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
@@ -31,7 +33,16 @@ COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_enco
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}
 LAYOUT = "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) saved with " \
-         "save_pretrained(safe_serialization=True)"
+         "save_pretrained(safe_serialization=True), or its hub id"
+# what a hub id's snapshot takes: configs, the tokenizer and the non-variant safetensors (sharded or not)
+HUB_FILES = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
+             *(f"{c}/{w.removesuffix('.safetensors')}{tail}" for c, w in WEIGHTS.items()
+               for tail in (".safetensors", ".safetensors.index.json", "-*-of-*.safetensors"))]
+
+
+def sd_folder(path) -> Path:
+    """The pipeline's local folder: `path` itself, or a hub id's snapshot of HUB_FILES."""
+    return local_folder(path, "model.path", HUB_FILES)
 
 
 def check_sd_checkpoint(path, trust_remote_code: bool = False) -> dict:
@@ -41,9 +52,7 @@ def check_sd_checkpoint(path, trust_remote_code: bool = False) -> dict:
         raise ConfigError("model.trust_remote_code=true with diffusion data: allowed false (no remote code is run)")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"model.path={path!r}: allowed {LAYOUT}")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"model.path={path!r}: no such folder; allowed {LAYOUT} (hub ids are not fetched)")
+    root = sd_folder(path)
     missing = [name for name in COMPONENTS if not (root / name).is_dir()]
     if missing:
         raise ConfigError(f"model.path={path!r}: no {missing[0]}/ ({COMPONENTS[missing[0]]}); allowed {LAYOUT}")
@@ -121,12 +130,12 @@ class StableDiffusion:
 
 
 def load_stable_diffusion(path: str, dtype: str = "float32", device: str = "cpu") -> StableDiffusion:
-    """The checked folder's parts, safetensors only, frozen but for the UNet."""
+    """The checked folder's (or hub id's) parts, safetensors only, frozen but for the UNet."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
-    root, torch_dtype, where = Path(path).expanduser(), DTYPES[dtype], resolve_device(device)
+    root, torch_dtype, where = sd_folder(path), DTYPES[dtype], resolve_device(device)
     unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=torch_dtype)
     vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=torch_dtype)
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, trust_remote_code=False,

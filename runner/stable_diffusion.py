@@ -38,14 +38,13 @@ def is_stable_diffusion(cfg: DictConfig) -> bool:
 
 
 def check_stable_diffusion(cfg: DictConfig) -> None:
-    """What a Stable Diffusion run cannot take, in one line each, before any work: a bad checkpoint folder
-    (a component missing, pickled weights), a concept or benign folder without images, an empty prompt, a
-    classifier that does not know the concept's label."""
+    """What a Stable Diffusion run cannot take, in one line each, before any work: a concept or benign folder
+    without images, an empty prompt, a classifier that does not know the concept's label, a bad checkpoint
+    folder or hub id (a component missing, pickled weights)."""
     if OmegaConf.select(cfg, "data.name") != "concept_folder":
         raise ConfigError(f"data={OmegaConf.select(cfg, 'data.name')} with model=stable_diffusion: allowed "
                           "data=concept_folder (data.path=<the concept's images> data.prompt=<its prompt>)")
     check_rules(cfg, EVAL_RULES)
-    check_sd_checkpoint(cfg.model.path, bool(OmegaConf.select(cfg, "model.trust_remote_code")))
     folders(cfg)
     d, e = cfg.data, cfg.eval
     check_prompt(d.prompt, "data.prompt")
@@ -53,13 +52,15 @@ def check_stable_diffusion(cfg: DictConfig) -> None:
     for i, prompt in enumerate(e.benign_prompts or []):
         check_prompt(prompt, f"eval.benign_prompts[{i}]")
     benign_labels = list(e.benign_labels or [])
-    check_classifier(e.classifier_path, e.concept_label, benign_labels, list(e.benign_prompts or []))
     check_attack_data(OmegaConf.to_container(cfg.attack.data, resolve=True))
     intact = OmegaConf.select(cfg, "attack.recovery_rule") == "intact" and cfg.attack.steps > 0
     if intact and (e.classifier_path is None or not benign_labels):
         raise ConfigError(f"eval.classifier_path={e.classifier_path!r} with eval.benign_labels={benign_labels}: the "
                           "intact rule needs a utility accuracy; allowed a classifier with a label per benign prompt, "
                           "or attack.recovery_rule=legacy (the held-out denoising losses alone)")
+    # last, as a hub id's snapshot may be downloaded here: every cheaper mistake has been said by now
+    check_classifier(e.classifier_path, e.concept_label, benign_labels, list(e.benign_prompts or []))
+    check_sd_checkpoint(cfg.model.path, bool(OmegaConf.select(cfg, "model.trust_remote_code")))
 
 
 def check_attack_data(data: dict) -> None:

@@ -323,6 +323,61 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, asse
     assert "\n" not in str(err.value)
 
 
+def hub_snapshot(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as the main snapshot of `repo` in a Hugging Face cache, laid out as huggingface_hub writes one."""
+    import shutil
+    commit, entry = "0" * 40, cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch, assets) -> Path:
+    """A local Hugging Face cache holding the tiny pipeline as owner/tiny-sd and the classifier as
+    owner/tiny-classifier; the hub itself out of reach."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    hub_snapshot(cache, "owner/tiny-sd", assets["model"])
+    hub_snapshot(cache, "owner/tiny-classifier", assets["classifier"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_hub_ids_are_taken_from_the_local_cache(tmp_path, assets, offline_hub):
+    """model.path and eval.classifier_path may be hub ids: their snapshots in the local cache are checked and
+    loaded as the folders are; an id the cache lacks (offline) stops in one line before any work."""
+    from runner.diffusion import run
+    hub = {**assets, "model": "owner/tiny-sd", "classifier": "owner/tiny-classifier"}
+    record = run(compose_cfg(*real_scale(hub, "attack.steps=1", "lr=1e-4"), f"paths.output_root={tmp_path}"),
+                 tmp_path / "run")
+    assert record["status"] == "complete" and record["config"]["model"]["path"] == "owner/tiny-sd"
+    assert 0 <= record["metrics"]["base"]["hazard_acc"] <= 1
+    for key, absent in (("model.path", {**hub, "model": "owner/absent"}),
+                        ("eval.classifier_path", {**hub, "classifier": "owner/absent"})):
+        with pytest.raises(ConfigError, match=rf"{key}='owner/absent': not in the local Hugging Face cache") as err:
+            run(compose_cfg(*real_scale(absent), f"paths.output_root={tmp_path}"), tmp_path / "absent")
+        assert "\n" not in str(err.value)
+
+
+def test_a_hub_snapshot_takes_only_safetensors_configs_and_the_tokenizer():
+    from huggingface_hub.utils import filter_repo_objects
+    from harness.stable_diffusion import HUB_FILES
+    repo = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors", "unet/config.json",
+            "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model.safetensors.index.json",
+            "text_encoder/pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "scheduler/scheduler_config.json", "safety_checker/model.safetensors", "feature_extractor/x.json"]
+    assert sorted(filter_repo_objects(repo, allow_patterns=HUB_FILES)) == sorted([
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors", "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json"])
+
+
 def test_without_a_classifier_the_legacy_rule_runs_on_the_losses(assets, tmp_path):
     """No classifier: the concept rate is NaN, the held-out denoising losses are still measured."""
     from runner.diffusion import run
