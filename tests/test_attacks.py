@@ -16,10 +16,9 @@ from hydra.utils import instantiate
 from attacks.optimizers import config_needs_double_backward, muon_split
 from attacks.relearn import Relearn, split_accuracies, split_tasks
 from harness.outcome import steps_to_recover
-from harness import synthetic, tiny
 from harness.errors import ConfigError
-from harness.models import from_pretrained, tiny_spec
-from tests.conftest import CACHE_DIR, compose_cfg
+from harness.models import from_pretrained
+from tests.conftest import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ["sgd", "adam", "sophia", "muon", "adahessian"]

@@ -8,7 +8,6 @@ off by O(1)·‖W‖ and fails by ten orders of magnitude. (Worst measured over 
 """
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
