@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
-from harness.rules import Rule, check_rules, non_negative_int, positive, positive_int
+from harness.rules import MISSING, Rule, check_rules, get, non_negative_int, positive, positive_int
 from harness.train import LoopResult
 
 # Config rules (harness/rules.py) of keys several baselines share: each baseline's `check_config` hook
@@ -31,6 +31,25 @@ LR: Rule = ("lr", positive, "a finite number > 0")
 def rules_hook(*rules: Rule):
     """A `check_config` hook that checks `rules` on the defense's own config."""
     def check_config(cfg, node, key: str) -> None:
+        check_rules(node, list(rules), f"{key}.")
+    return staticmethod(check_config)
+
+
+def check_text_data(cfg, node, key: str) -> None:
+    """A language-model baseline (it trains a causal LM on the forget and retain corpora) on an image track's
+    data stops here, before any model loads."""
+    kind = get(cfg, "data.kind")
+    if kind is not MISSING and kind in ("images", "diffusion"):
+        raise ConfigError(f"{key}._target_={node.get('_target_')} with data={get(cfg, 'data.name')}: a language-model "
+                          "baseline; allowed text data (data=synthetic, wmdp_bio), or the image tracks' defenses "
+                          "(vision: class_npo, condition_number, specdef_vit*; diffusion: esd, imma*, specdef_unet*, "
+                          "specdef_sd*)")
+
+
+def text_rules_hook(*rules: Rule):
+    """`rules_hook` of a language-model baseline: its rules, and text data."""
+    def check_config(cfg, node, key: str) -> None:
+        check_text_data(cfg, node, key)
         check_rules(node, list(rules), f"{key}.")
     return staticmethod(check_config)
 

@@ -34,8 +34,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from baselines.common import (BATCH_SIZE, TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy, mean_nll,
-                              run_info, to_device)
+from baselines.common import (BATCH_SIZE, TermLog, adamw, check_text_data, forget_retain_batches, forget_texts,
+                              frozen_copy, mean_nll, run_info, to_device)
 from harness import distributed
 from harness.batches import batch_iterator
 from harness.distributed import check_rows_per_rank
@@ -109,6 +109,7 @@ class TAR:
 
     @staticmethod
     def check_config(cfg, node, key: str) -> None:
+        check_text_data(cfg, node, key)
         check_rules(node, RULES, f"{key}.")
         if (cfg.get("dist") or {}).get("name") == "fsdp":  # every rank trains on its own rows of each batch
             check_rows_per_rank(f"{key}.adversary_batch_size", node.get("adversary_batch_size"),

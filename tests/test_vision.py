@@ -11,7 +11,7 @@ from harness import images
 from harness.errors import ConfigError
 from harness.tiny_vit import TinyViTSpec, ensure_tiny_vit, load_tiny_vit, untrained
 from harness.vision_eval import VisionEvaluator
-from tests.conftest import CACHE_DIR
+from tests.conftest import CACHE_DIR, compose_cfg
 
 WORLD = images.ImageWorldConfig()
 
@@ -233,6 +233,24 @@ def test_bad_retain_share_is_one_line():
 def test_what_the_vision_track_cannot_take_stops_in_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         vision_run(tmp_path, override)
+
+
+@pytest.mark.parametrize("experiment", ["vision", "diffusion"])
+@pytest.mark.parametrize("defense", ["rmu", "npo", "elm", "repnoise", "tar", "specdef_elm"])
+def test_language_baselines_on_image_data_stop_in_one_line(experiment, defense):
+    """The language baselines train a causal LM on text: on an image track they stop at validation (SpecDef over
+    one too, through its base's hook), not inside the defense."""
+    from runner.validate import validate
+    with pytest.raises(ConfigError, match=r"_target_=baselines\.\w+\.\w+ with data=\w+: a language-model "
+                                          r"baseline; allowed text data") as err:
+        validate(compose_cfg(f"experiment={experiment}", f"defense={defense}"))
+    assert "\n" not in str(err.value)
+
+
+def test_run_py_refuses_a_language_baseline_on_images_in_one_line(run_py_refusal):
+    code, err = run_py_refusal("experiment=vision", "defense=npo")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: defense._target_=baselines.npo.NPO with data=synthetic_images")
 
 
 def test_scoring_without_fine_tuning(tmp_path):
