@@ -21,13 +21,13 @@ def main(cfg: DictConfig) -> float:
     """Returns the attacker's constrained objective (runner/objective.py): the post-attack hazard
     accuracy, minus a penalty when the attack broke the model; a sweeper maximises it."""
     try:
+        if cfg.plan:
+            show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record (every track)
+            return None
         if is_vision(cfg):  # the image world (experiment=vision): its own runner, the same defenses and attacks
             record = run_vision(cfg, HydraConfig.get().runtime.output_dir)
         elif is_diffusion(cfg):  # the denoiser on the image world (experiment=diffusion): likewise
             record = run_diffusion(cfg, HydraConfig.get().runtime.output_dir)
-        elif cfg.plan:
-            show_plan(cfg)  # plan=true: the memory plan, nothing loaded, no record
-            return None
         else:
             record = run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, InstantiationException) as e:

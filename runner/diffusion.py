@@ -48,8 +48,6 @@ def is_diffusion(cfg: DictConfig) -> bool:
 
 def check_diffusion(cfg: DictConfig) -> None:
     """What the diffusion track cannot take (yet), in one line each, before any work."""
-    if cfg.get("plan"):
-        raise ConfigError("plan=true with diffusion data: allowed false (the memory plan knows causal LMs only)")
     if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
         raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with diffusion data: allowed dist=none")
     if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):

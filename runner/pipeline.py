@@ -26,7 +26,7 @@ from harness.manifest import verify_manifest
 from harness.models import load_model
 from harness.outcome import recovered_step
 from harness.record import RECORD_NAME, SCHEMA_VERSION, config_hash, provenance, read_record, write_json_atomic
-from runner import memory_plan
+from runner import image_memory_plan, memory_plan
 from runner.objective import constrained_objective
 from runner.report import log_run_report
 from runner.validate import validate
@@ -215,9 +215,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def show_plan(cfg: DictConfig) -> None:
-    """`plan=true`: print the memory plan of the config (after its validation); load nothing."""
+    """`plan=true`: print the memory plan of the config (after its validation); load nothing. The image tracks
+    have their own (runner/image_memory_plan.py)."""
     validate(cfg)
-    report = memory_plan.plan(cfg).report()
+    images = OmegaConf.select(cfg, "data.kind") in ("images", "diffusion")
+    report = (image_memory_plan.plan(cfg) if images else memory_plan.plan(cfg)).report()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(report, flush=True)
 

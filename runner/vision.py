@@ -47,8 +47,6 @@ DATA = ("synthetic_images", "image_folder")  # the embedded glyph world | data=i
 def check_vision(cfg: DictConfig) -> None:
     """What the vision track cannot take, in one line each, before any work: also a bad image folder or
     checkpoint (no images, no safetensors, not a ViT classifier, a hazard class the folder lacks)."""
-    if cfg.get("plan"):
-        raise ConfigError("plan=true with image data: allowed false (the memory plan knows causal LMs only)")
     source, data = OmegaConf.select(cfg, "model.source"), OmegaConf.select(cfg, "data.name")
     if source not in MODELS:
         raise ConfigError(f"model.source={source!r} with image data: allowed tiny_vit (model=tiny_vit) or hf_vit "

@@ -227,7 +227,6 @@ def test_bad_retain_share_is_one_line():
 
 @pytest.mark.parametrize("override, message", [
     ("attack=none", r"attack=none with image data: allowed attack.steps=0"),
-    ("plan=true", r"plan=true with image data: allowed false"),
     ("model=tiny", r"model.source='tiny' with image data: allowed tiny_vit"),
 ])
 def test_what_the_vision_track_cannot_take_stops_in_one_line(tmp_path, override, message):
