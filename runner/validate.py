@@ -92,7 +92,20 @@ def _check_writable(cfg: DictConfig) -> None:
         raise ConfigError(f"paths.output_root={root!r}: is a file; allowed a writable folder")
 
 
+LM_SOURCES = ("tiny", "hf")  # model.source of a causal LM: the tiny Llama, any Hugging Face one (model.path)
+
+
+def _check_track(cfg: DictConfig) -> None:
+    """An image model with text data (the language pipeline) stops here: the image tracks take image data."""
+    kind, source = get(cfg, "data.kind"), get(cfg, "model.source")
+    if kind in (MISSING, None) and source is not MISSING and source not in LM_SOURCES:
+        raise ConfigError(f"model.source={source!r} with data={get(cfg, 'data.name')} (text): allowed a causal LM "
+                          "(model=tiny, llama31_8b_instruct, or model.path=<a Hugging Face causal LM>); image models "
+                          "run with image data (experiment=vision, experiment=diffusion)")
+
+
 def validate(cfg: DictConfig) -> None:
+    _check_track(cfg)
     _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
     check_rules(cfg, RULES)
     objective = get(cfg, "objective")  # what a sweeper maximises (experiment=strongest_attack)

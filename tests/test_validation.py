@@ -38,6 +38,11 @@ CONFIG_CASES = [
      "weights; allowed attack.param_split=muon (AdamW on the rest) or LoRA"),
     (["model=llama31_8b_instruct", "model.path=/no/such/model"],
      "model.path='/no/such/model': no such folder; allowed a local model folder or a hub id"),
+    *((["model=" + m], f"model.source={source!r} with data=synthetic (text): allowed a causal LM (model=tiny, "
+       "llama31_8b_instruct, or model.path=<a Hugging Face causal LM>); image models run with image data "
+       "(experiment=vision, experiment=diffusion)")
+      for m, source in (("tiny_vit", "tiny_vit"), ("vit", "hf_vit"), ("tiny_unet", "tiny_unet"),
+                        ("stable_diffusion", "stable_diffusion"))),
 ]
 
 
