@@ -93,15 +93,22 @@ def _check_writable(cfg: DictConfig) -> None:
 
 
 LM_SOURCES = ("tiny", "hf")  # model.source of a causal LM: the tiny Llama, any Hugging Face one (model.path)
+IMAGE_EVALS = ("vision", "diffusion", "stable_diffusion")  # conf/eval/ of the image tracks
 
 
 def _check_track(cfg: DictConfig) -> None:
-    """An image model with text data (the language pipeline) stops here: the image tracks take image data."""
-    kind, source = get(cfg, "data.kind"), get(cfg, "model.source")
-    if kind in (MISSING, None) and source is not MISSING and source not in LM_SOURCES:
+    """An image model or evaluation with text data (the language pipeline) stops here: the image tracks take
+    image data."""
+    kind, source, evaluation = get(cfg, "data.kind"), get(cfg, "model.source"), get(cfg, "eval.name")
+    if kind not in (MISSING, None):
+        return
+    if source is not MISSING and source not in LM_SOURCES:
         raise ConfigError(f"model.source={source!r} with data={get(cfg, 'data.name')} (text): allowed a causal LM "
                           "(model=tiny, llama31_8b_instruct, or model.path=<a Hugging Face causal LM>); image models "
                           "run with image data (experiment=vision, experiment=diffusion)")
+    if evaluation in IMAGE_EVALS:
+        raise ConfigError(f"eval={evaluation} with data={get(cfg, 'data.name')} (text): allowed eval=synthetic or "
+                          "paper; the image evaluations run with image data (experiment=vision, experiment=diffusion)")
 
 
 def validate(cfg: DictConfig) -> None:

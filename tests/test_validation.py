@@ -43,6 +43,8 @@ CONFIG_CASES = [
        "(experiment=vision, experiment=diffusion)")
       for m, source in (("tiny_vit", "tiny_vit"), ("vit", "hf_vit"), ("tiny_unet", "tiny_unet"),
                         ("stable_diffusion", "stable_diffusion"))),
+    *((["eval=" + e], f"eval={e} with data=synthetic (text): allowed eval=synthetic or paper; the image evaluations "
+       "run with image data (experiment=vision, experiment=diffusion)") for e in ("vision", "diffusion", "stable_diffusion")),
 ]
 
 
