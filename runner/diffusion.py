@@ -29,7 +29,7 @@ from runner.objective import constrained_objective
 from runner.pipeline import _completed, check_writable, default_threshold, defend, print_summary, timed
 from runner.report import log_run_report
 from runner.stable_diffusion import check_stable_diffusion, is_stable_diffusion, prepare_stable_diffusion
-from runner.validate import validate
+from runner.validate import check_track, validate
 
 log = logging.getLogger(__name__)
 GRID_NAME = "samples.png"
@@ -48,6 +48,7 @@ def is_diffusion(cfg: DictConfig) -> bool:
 
 def check_diffusion(cfg: DictConfig) -> None:
     """What the diffusion track cannot take (yet), in one line each, before any work."""
+    check_track(cfg)  # before the track's own checks read eval keys another track's eval lacks
     if OmegaConf.select(cfg, "dist.name") not in (None, "none"):
         raise ConfigError(f"dist={OmegaConf.select(cfg, 'dist.name')} with diffusion data: allowed dist=none")
     if str(OmegaConf.select(cfg, "attack._target_")).endswith("NoAttack"):

@@ -93,26 +93,28 @@ def _check_writable(cfg: DictConfig) -> None:
 
 
 LM_SOURCES = ("tiny", "hf")  # model.source of a causal LM: the tiny Llama, any Hugging Face one (model.path)
-IMAGE_EVALS = ("vision", "diffusion", "stable_diffusion")  # conf/eval/ of the image tracks
+# conf/eval/ of each track, by data.kind (None: text, the language pipeline)
+EVALS = {None: ("synthetic", "paper"), "images": ("vision",), "diffusion": ("diffusion", "stable_diffusion")}
+TRACKS = {None: "text data", "images": "image data (experiment=vision)", "diffusion": "diffusion data (experiment=diffusion)"}
 
 
-def _check_track(cfg: DictConfig) -> None:
-    """An image model or evaluation with text data (the language pipeline) stops here: the image tracks take
-    image data."""
+def check_track(cfg: DictConfig) -> None:
+    """A model or an evaluation of another track stops here, in one line: an image model or evaluation with
+    text data, a language evaluation with image data."""
     kind, source, evaluation = get(cfg, "data.kind"), get(cfg, "model.source"), get(cfg, "eval.name")
-    if kind not in (MISSING, None):
-        return
-    if source is not MISSING and source not in LM_SOURCES:
+    kind = None if kind is MISSING else kind
+    if kind is None and source is not MISSING and source not in LM_SOURCES:
         raise ConfigError(f"model.source={source!r} with data={get(cfg, 'data.name')} (text): allowed a causal LM "
                           "(model=tiny, llama31_8b_instruct, or model.path=<a Hugging Face causal LM>); image models "
                           "run with image data (experiment=vision, experiment=diffusion)")
-    if evaluation in IMAGE_EVALS:
-        raise ConfigError(f"eval={evaluation} with data={get(cfg, 'data.name')} (text): allowed eval=synthetic or "
-                          "paper; the image evaluations run with image data (experiment=vision, experiment=diffusion)")
+    allowed = EVALS.get(kind)
+    if allowed is not None and evaluation is not MISSING and evaluation not in allowed:
+        raise ConfigError(f"eval={evaluation} with data={get(cfg, 'data.name')}: allowed eval={' or '.join(allowed)} "
+                          f"with {TRACKS[kind]}")
 
 
 def validate(cfg: DictConfig) -> None:
-    _check_track(cfg)
+    check_track(cfg)
     _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
     check_rules(cfg, RULES)
     objective = get(cfg, "objective")  # what a sweeper maximises (experiment=strongest_attack)

@@ -31,7 +31,7 @@ from harness.vision_eval import VisionEvaluator
 from runner.objective import constrained_objective
 from runner.pipeline import _completed, check_writable, default_threshold, defend, print_summary, timed
 from runner.report import log_run_report
-from runner.validate import validate
+from runner.validate import check_track, validate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ DATA = ("synthetic_images", "image_folder")  # the embedded glyph world | data=i
 def check_vision(cfg: DictConfig) -> None:
     """What the vision track cannot take, in one line each, before any work: also a bad image folder or
     checkpoint (no images, no safetensors, not a ViT classifier, a hazard class the folder lacks)."""
+    check_track(cfg)  # before the track's own checks read eval keys another track's eval lacks
     source, data = OmegaConf.select(cfg, "model.source"), OmegaConf.select(cfg, "data.name")
     if source not in MODELS:
         raise ConfigError(f"model.source={source!r} with image data: allowed tiny_vit (model=tiny_vit) or hf_vit "

@@ -43,8 +43,12 @@ CONFIG_CASES = [
        "(experiment=vision, experiment=diffusion)")
       for m, source in (("tiny_vit", "tiny_vit"), ("vit", "hf_vit"), ("tiny_unet", "tiny_unet"),
                         ("stable_diffusion", "stable_diffusion"))),
-    *((["eval=" + e], f"eval={e} with data=synthetic (text): allowed eval=synthetic or paper; the image evaluations "
-       "run with image data (experiment=vision, experiment=diffusion)") for e in ("vision", "diffusion", "stable_diffusion")),
+    *((["eval=" + e], f"eval={e} with data=synthetic: allowed eval=synthetic or paper with text data")
+      for e in ("vision", "diffusion", "stable_diffusion")),
+    (["experiment=vision", "eval=synthetic"],
+     "eval=synthetic with data=synthetic_images: allowed eval=vision with image data (experiment=vision)"),
+    (["experiment=diffusion", "eval=vision"], "eval=vision with data=diffusion_images: allowed eval=diffusion or "
+                                              "stable_diffusion with diffusion data (experiment=diffusion)"),
 ]
 
 
