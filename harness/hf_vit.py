@@ -1,5 +1,6 @@
-"""Any Hugging Face ViT image classifier as the vision track's model (`model=vit model.path=<folder>`), e.g. an
-ImageNet-pretrained ViT-B/16 (google/vit-base-patch16-224), the condition-number paper's model.
+"""Any Hugging Face ViT image classifier as the vision track's model (`model=vit model.path=<folder>`, or a hub id
+such as google/vit-base-patch16-224, the condition-number paper's ImageNet-pretrained ViT-B/16: its config,
+preprocessor and safetensors are taken through the local Hugging Face cache, never its pickles).
 
 Safetensors only and no remote code, as for causal LMs (harness/models.py). Before anything loads, the folder
 must hold a ViT classifier: config.json's model_type `vit`, and weights holding the encoder (`vit.*`) and a
@@ -18,30 +19,32 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.models import DTYPES, check_model_path, resolve_device
+from harness.models import DTYPES, check_model_path, local_folder, resolve_device
 
 MODEL_TYPE = "vit"
+# what a hub id's snapshot takes: the config, the preprocessor's statistics and the safetensors (sharded or not)
+HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
+             "model-*-of-*.safetensors"]
 
 
-def _local(path: str) -> Path | None:
-    p = Path(path).expanduser()
-    return p if p.is_dir() else None
+def vit_folder(path) -> Path:
+    """The checkpoint's local folder: `path` itself, or a hub id's snapshot of HUB_FILES (the local cache offline)."""
+    return local_folder(path, "model.path", HUB_FILES)
 
 
 def check_vit_checkpoint(path, trust_remote_code: bool = False) -> dict:
     """config.json of a ViT classifier checkpoint at `path`, or one ConfigError line saying what is missing."""
     if trust_remote_code:
         raise ConfigError("model.trust_remote_code=true with image data: allowed false (no remote code is run)")
-    check_model_path(path)  # a folder without *.safetensors, or a hub id out of reach, stops here
+    folder = vit_folder(path)  # a hub id out of reach stops here
+    check_model_path(str(folder))  # a folder without *.safetensors stops here
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(str(Path(path).expanduser()) if _local(path) else path).to_dict()
+    config = AutoConfig.from_pretrained(str(folder)).to_dict()
     if config.get("model_type") != MODEL_TYPE:
         raise ConfigError(f"model.path={path!r}: a {config.get('model_type')!r} checkpoint (config.json model_type); "
                           "allowed a ViT image classifier (model_type vit, ViTForImageClassification)")
-    folder = _local(path)
-    if folder is not None:
-        _check_weights(path, folder)
-        _check_normalisation(path, folder)
+    _check_weights(path, folder)
+    _check_normalisation(path, folder)
     return config
 
 
@@ -78,8 +81,7 @@ def load_hf_vit(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import ViTForImageClassification
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
-    source = str(Path(path).expanduser()) if _local(path) else path
-    model = ViTForImageClassification.from_pretrained(source, use_safetensors=True, trust_remote_code=False,
+    model = ViTForImageClassification.from_pretrained(str(vit_folder(path)), use_safetensors=True, trust_remote_code=False,
                                                       dtype=DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 

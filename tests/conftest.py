@@ -64,6 +64,25 @@ def run_py_refusal(monkeypatch, capsys, tmp_path):
     return run
 
 
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A local Hugging Face cache, the hub out of reach: `hf_cache(repo, folder)` stores `folder` as the main
+    snapshot of `repo`, laid out as huggingface_hub writes one; hub ids then resolve from it alone."""
+    import shutil
+    from huggingface_hub import constants
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def store(repo: str, folder: Path) -> None:
+        commit, entry = "0" * 40, cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, entry / "snapshots" / commit)
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text(commit)
+    return store
+
+
 def compose_cfg(*overrides: str):
     """The config `python run.py <overrides>` would run with (no local overrides), plus the
     variation under test (SPECDEF_TEST_OVERRIDES)."""

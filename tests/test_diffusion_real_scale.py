@@ -323,27 +323,12 @@ def test_bad_input_stops_in_one_line_before_any_work(tmp_path, monkeypatch, asse
     assert "\n" not in str(err.value)
 
 
-def hub_snapshot(cache: Path, repo: str, folder: Path) -> None:
-    """`folder` as the main snapshot of `repo` in a Hugging Face cache, laid out as huggingface_hub writes one."""
-    import shutil
-    commit, entry = "0" * 40, cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, entry / "snapshots" / commit)
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text(commit)
-
-
 @pytest.fixture
-def offline_hub(tmp_path, monkeypatch, assets) -> Path:
+def offline_hub(hf_cache, assets) -> Path:
     """A local Hugging Face cache holding the tiny pipeline as owner/tiny-sd and the classifier as
     owner/tiny-classifier; the hub itself out of reach."""
-    from huggingface_hub import constants
-    cache = tmp_path / "hub"
-    hub_snapshot(cache, "owner/tiny-sd", assets["model"])
-    hub_snapshot(cache, "owner/tiny-classifier", assets["classifier"])
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
+    hf_cache("owner/tiny-sd", assets["model"])
+    hf_cache("owner/tiny-classifier", assets["classifier"])
 
 
 def test_hub_ids_are_taken_from_the_local_cache(tmp_path, assets, offline_hub):

@@ -82,6 +82,21 @@ def test_run_py_rehearses_the_real_scale_path(tmp_path, checkpoint, folder):
     assert set(base) >= {"acc/cross", "acc/star", "hazard_acc"}
 
 
+def test_a_hub_id_is_checked_and_loaded_from_the_local_cache(tmp_path, checkpoint, folder, hf_cache):
+    """model.path=<hub id>: its snapshot in the local cache is checked as a folder is (config, weights, head,
+    normalisation) and loaded; an id the cache lacks (offline) stops in one line before any work."""
+    from runner.vision import run
+    hf_cache("owner/tiny-vit", checkpoint)
+    cfg = compose_cfg(*real_scale("owner/tiny-vit", folder, "attack=adam", "lr=1e-3", *SIZES),
+                      f"paths.output_root={tmp_path}")
+    record = run(cfg, tmp_path / "run")
+    assert record["status"] == "complete" and record["config"]["model"]["path"] == "owner/tiny-vit"
+    assert record["head"] == {"kept": {"disk": 0, "square": 1, "cross": 3}, "new": ["star"]}
+    with pytest.raises(ConfigError, match=r"model.path='owner/absent': not in the local Hugging Face cache") as err:
+        run(compose_cfg(*real_scale("owner/absent", folder), f"paths.output_root={tmp_path}"), tmp_path / "absent")
+    assert "\n" not in str(err.value)
+
+
 def test_run_py_rehearses_specdef_over_immunization_against_lora(tmp_path, checkpoint, folder):
     """SpecDef at paper scale (float32 release, strict drift) over condition_number with its paper values, and a
     LoRA attack whose adapters sit around the defended layers."""
