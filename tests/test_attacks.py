@@ -120,6 +120,20 @@ def test_lora_trains_only_adapters_and_the_evaluator_scores_the_peft_model(tiny_
     assert 0 <= final["hazard_acc"] <= 1 and final["retain_ppl"] != start["retain_ppl"]
 
 
+@pytest.mark.parametrize("experiment, targets", [
+    (None, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("vision", ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]),
+    ("diffusion", ["to_q", "to_k", "to_v", "to_out.0"])])
+def test_adam_lora_is_adam_on_each_tracks_lora_adapters_under_its_own_name(experiment, targets):
+    """attack=adam_lora: `attack=adam attack/peft=lora` but for the name, which the report groups columns by."""
+    track = [f"experiment={experiment}"] if experiment else []
+    lora, plain = compose_cfg(*track, "attack=adam_lora").attack, compose_cfg(*track, "attack=adam", "attack/peft=lora").attack
+    assert (lora.name, plain.name) == ("adam_lora", "adam")
+    assert {k: v for k, v in lora.items() if k != "name"} == {k: v for k, v in plain.items() if k != "name"}
+    assert list(lora.peft.target_modules) == targets and lora.optimizer._target_ == "torch.optim.Adam"
+    assert compose_cfg(*track, "attack=adam_lora", "attack/peft=none").attack.peft is None  # still a group choice
+
+
 def test_undo_collapse_runs_before_fine_tuning(tiny_model, data):
     from specdef.core import specdef_modules, transform
     model, tokenizer = tiny_model

@@ -85,7 +85,9 @@ def test_specdef_over_condition_number_turns_fine_tuning_into_a_dagger(tmp_path)
 
 def test_the_immunization_preset_runs_on_the_naive_vit():
     from tests.conftest import compose_cfg
-    for attack, grid in {"sgd": [3e-3, 1e-2], "adam": [3e-4, 1e-3]}.items():
+    grids = {"sgd": [3e-3, 1e-2], "adam": [3e-4, 1e-3], "sophia": [3e-2, 1e-1], "adahessian": [3e-2, 1e-1],
+             "muon": [1e-3, 3e-3], "adam_lora": [3e-3, 1e-2]}
+    for attack, grid in grids.items():
         for rank, lr in enumerate(grid):
             cfg = compose_cfg("experiment=vision_immunization", f"attack={attack}", f"vision_table.lr_rank={rank}")
             assert cfg.lr == pytest.approx(lr) and list(cfg.model.spec.exclude_hazard) == [0, 1]

@@ -196,16 +196,18 @@ def test_diffusion_table_preset_composes():
     from hydra.utils import instantiate
     from tests.conftest import compose_cfg
     grids = {"sgd": [3e-2, 1e-1], "adam": [3e-4, 1e-3], "sophia": [1e-2, 3e-2], "adahessian": [1e-1, 3e-1],
-             "muon": [3e-4, 1e-3]}
+             "muon": [3e-4, 1e-3], "adam_lora": [1e-2, 3e-2]}
     for attack, grid in grids.items():
         for rank, lr in enumerate(grid):
             cfg = compose_cfg("experiment=diffusion_table", f"attack={attack}", f"diffusion_table.lr_rank={rank}")
             assert cfg.lr == pytest.approx(lr) and cfg.data.kind == "diffusion"
     jobs = [dict(o.split("=", 1) for o in job) for job in sweep_jobs("experiment=diffusion_table")]
-    assert len(jobs) == 4 * (2 * 2 + 3)  # sgd and adam at both lrs, the curvature-aware ones at the upper one
+    assert len(jobs) == 4 * 6 * 2  # every optimizer at both points of its grid: the grid sweeper skips nothing here
     assert {j["defense"] for j in jobs} == {"none", "esd", "imma_esd", "specdef_unet_esd"}
-    assert {j["attack"] for j in jobs if j["diffusion_table.lr_rank"] == "0"} == {"sgd", "adam"}
-    assert {j["attack"] for j in jobs if j["diffusion_table.lr_rank"] == "1"} == set(grids)
+    assert all({j["attack"] for j in jobs if j["diffusion_table.lr_rank"] == r} == set(grids) for r in "01")
+    assert compose_cfg("experiment=diffusion_table", "attack=adam_lora").attack.peft.target_modules[0] == "to_q"
+    skipped = sweep_jobs("experiment=diffusion_table", "hydra.sweeper.skip=[{attack: 'sophia,muon', diffusion_table.lr_rank: '0'}]")
+    assert len(skipped) == len(jobs) - 2 * 4  # the mechanism stays: a skip given on the command line drops its jobs
     defense = instantiate(compose_cfg("experiment=diffusion_table", "defense=specdef_unet_esd").defense)
     assert (defense.base, defense.alpha) == ("esd", 1e4)
     paper = instantiate(compose_cfg("experiment=diffusion", "defense=esd", "scale=paper").defense)

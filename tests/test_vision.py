@@ -304,7 +304,7 @@ def test_vision_table_preset_takes_each_optimizers_own_grid():
     from hydra.utils import instantiate
     from tests.conftest import compose_cfg
     grids = {"sgd": [1e-3, 3e-3], "adam": [1e-4, 3e-4], "sophia": [1e-2, 3e-2], "adahessian": [1e-2, 3e-2],
-             "muon": [1e-3, 3e-3]}
+             "muon": [1e-3, 3e-3], "adam_lora": [3e-3, 1e-2]}
     for attack, grid in grids.items():
         for rank, lr in enumerate(grid):
             cfg = compose_cfg("experiment=vision_table", f"attack={attack}", f"vision_table.lr_rank={rank}")
