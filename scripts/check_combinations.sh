@@ -1,7 +1,7 @@
 #!/bin/bash
 # Every advertised combination across the tracks, run once for one attack step: each must run, or refuse in one
 # `error:` line; a traceback is a bug. Prints one verdict per combination and exits 1 if any ended in a traceback.
-#   bash scripts/check_combinations.sh            (~58 runs, ~25 min on one core; the shipped tiny models, no pretraining)
+#   bash scripts/check_combinations.sh            (54 runs, ~15 min on one core; the shipped tiny models, no pretraining)
 # Runs in a throwaway cache and output folder; set SPECDEF_CACHE to reuse a cache of defended models.
 set -u
 cd "$(dirname "$0")/.."
