@@ -76,6 +76,21 @@ def states_per_parameter(node, default: int) -> int:
     return STATES.get(name, default)
 
 
+def optimizer_counts(attack, params: int, matrices: Callable[[], int], adapters: Callable[[], int]) -> tuple[int, int, int]:
+    """(parameters held, parameters trained, optimizer states) of `attack` on a model of `params` parameters, for
+    a memory plan: LoRA adds and trains `adapters()`; Muon's split keeps its optimizer's states on the
+    `matrices()` hidden 2-D weights and the auxiliary optimizer's on the rest; else one optimizer trains all."""
+    optimizer = attack.optimizer
+    if attack.get("peft") is not None:
+        trained = adapters()
+        return params + trained, trained, states_per_parameter(optimizer, 2) * trained
+    if attack.get("param_split") == "muon":
+        hidden = matrices()
+        states = states_per_parameter(optimizer, 1) * hidden + states_per_parameter(attack.aux_optimizer, 2) * (params - hidden)
+        return params, params, states
+    return params, params, states_per_parameter(optimizer, 2) * params
+
+
 def check_optimizer_config(attack) -> None:
     """What the optimizer cannot take, from the attack's config alone (before anything is built)."""
     target = (attack.get("optimizer") or {}).get("_target_")

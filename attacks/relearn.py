@@ -19,7 +19,7 @@ import torch
 
 from attacks.checkpoint import AttackCheckpoint
 from attacks.optimizers import (PARAM_SPLITS, build_optimizers, check_optimizer_config, config_needs_double_backward,
-                                current_lr, forward_only, needs_double_backward, states_per_parameter,
+                                current_lr, forward_only, needs_double_backward, optimizer_counts,
                                 trainable as trainable_params)
 from attacks.partial import apply as apply_partial, check_patterns
 from harness import distributed
@@ -191,19 +191,10 @@ class Relearn:
     def memory_stage(node, shape: Shape, c: Costs, defended: Defended) -> Stage:
         """Per rank: the (defended) model, what the optimizer trains and keeps, the activations."""
         undo = bool(node.get("undo"))  # the attacker removes what the defense added before fine-tuning
-        params = shape.params + (0 if undo else defended.extra_params)
         peft, optimizer = node.get("peft"), node.optimizer
-        if peft is not None:
-            trained = lora_params(shape, list(peft.target_modules), int(peft.r))
-            params += trained
-            states = states_per_parameter(optimizer, 2) * trained
-        elif node.get("param_split") == "muon":
-            trained = params
-            states = (states_per_parameter(optimizer, 1) * shape.matrix_params
-                      + states_per_parameter(node.aux_optimizer, 2) * (trained - shape.matrix_params))
-        else:
-            trained = params
-            states = states_per_parameter(optimizer, 2) * trained
+        params, trained, states = optimizer_counts(
+            node, shape.params + (0 if undo else defended.extra_params), lambda: shape.matrix_params,
+            lambda: lora_params(shape, list(peft.target_modules), int(peft.r)))
         if forward_only(optimizer):  # no gradients; forward passes without a graph (logits only)
             gradients, activations = 0.0, c.per_token(node.batch_size, 2 * shape.vocab)
         else:

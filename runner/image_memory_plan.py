@@ -78,23 +78,13 @@ def specdef_layers(defense, model: torch.nn.Module) -> dict[str, torch.nn.Linear
 
 
 def attack_stage(attack, built: Built, defended: dict, extra: int, dtype_bytes: int) -> Stage:
-    from attacks.optimizers import config_needs_double_backward, forward_only, muon_split, states_per_parameter
+    from attacks.optimizers import config_needs_double_backward, forward_only, muon_split, optimizer_counts
     undo = bool(attack.get("undo"))
-    params = sum(p.numel() for p in built.model.parameters()) + (0 if undo else extra)
     peft, optimizer = attack.get("peft"), attack.optimizer
-    if peft is not None:
-        trained = lora_params(built.model, list(peft.target_modules), int(peft.r))
-        params += trained
-        states = states_per_parameter(optimizer, 2) * trained
-    elif attack.get("param_split") == "muon":
-        hidden, rest = muon_split(built.model)
-        trained = params
-        matrices = sum(p.numel() for p in hidden)
-        states = (states_per_parameter(optimizer, 1) * matrices
-                  + states_per_parameter(attack.aux_optimizer, 2) * (trained - matrices))
-    else:
-        trained = params
-        states = states_per_parameter(optimizer, 2) * trained
+    params, trained, states = optimizer_counts(
+        attack, sum(p.numel() for p in built.model.parameters()) + (0 if undo else extra),
+        lambda: sum(p.numel() for p in muon_split(built.model)[0]),
+        lambda: lora_params(built.model, list(peft.target_modules), int(peft.r)))
     if forward_only(optimizer):  # no graph: a forward pass's largest outputs only
         gradients, activations = 0, forward_peak(built, attack.batch_size)
     else:
