@@ -28,9 +28,12 @@ BATCH_SIZE: Rule = ("batch_size", positive_int, "an integer >= 1")
 LR: Rule = ("lr", positive, "a finite number > 0")
 
 
-def rules_hook(*rules: Rule):
-    """A `check_config` hook that checks `rules` on the defense's own config."""
+def rules_hook(*rules: Rule, text: bool = False):
+    """A `check_config` hook that checks `rules` on the defense's own config; with `text`, a language-model
+    baseline's, that the run's data is text too (check_text_data)."""
     def check_config(cfg, node, key: str) -> None:
+        if text:
+            check_text_data(cfg, node, key)
         check_rules(node, list(rules), f"{key}.")
     return staticmethod(check_config)
 
@@ -44,14 +47,6 @@ def check_text_data(cfg, node, key: str) -> None:
                           "baseline; allowed text data (data=synthetic, wmdp_bio), or the image tracks' defenses "
                           "(vision: class_npo, condition_number, specdef_vit*; diffusion: esd, imma*, specdef_unet*, "
                           "specdef_sd*)")
-
-
-def text_rules_hook(*rules: Rule):
-    """`rules_hook` of a language-model baseline: its rules, and text data."""
-    def check_config(cfg, node, key: str) -> None:
-        check_text_data(cfg, node, key)
-        check_rules(node, list(rules), f"{key}.")
-    return staticmethod(check_config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from baselines.common import (BATCH_SIZE, LR, STEPS, TermLog, adamw, check_layer_ids, forget_texts, mean_nll,
-                              text_rules_hook, run_info, zip_batches)
+                              rules_hook, run_info, zip_batches)
 from harness import distributed
 from harness.batches import batch_iterator
 from harness.errors import ConfigError
@@ -195,7 +195,7 @@ class ELM:
     name = "elm"
 
     # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
-    check_config = text_rules_hook(STEPS, BATCH_SIZE, LR)
+    check_config = rules_hook(STEPS, BATCH_SIZE, LR, text=True)
 
     @classmethod
     def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.common import (BATCH_SIZE, LR, STEPS, TermLog, adamw, forget_retain_batches, forget_texts, frozen_copy,
-                              mean_nll, text_rules_hook, run_info, sequence_nll)
+                              mean_nll, rules_hook, run_info, sequence_nll)
 from harness import distributed
 from harness.memory import Costs, Shape, Stage, training_stage
 from harness.rules import non_negative
@@ -47,7 +47,7 @@ class NPO:
     name = "npo"
 
     # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
-    check_config = text_rules_hook(STEPS, BATCH_SIZE, LR, ("warmup_epochs", non_negative, "a number >= 0"))
+    check_config = rules_hook(STEPS, BATCH_SIZE, LR, ("warmup_epochs", non_negative, "a number >= 0"), text=True)
 
     @classmethod
     def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from baselines.common import (ALPHA, BATCH_SIZE, LR, STEPS, TermLog, adamw, capture_outputs, decoder_layers,
-                              forget_retain_batches, forget_texts, logit_lens, mean_nll, text_rules_hook, run_info)
+                              forget_retain_batches, forget_texts, logit_lens, mean_nll, rules_hook, run_info)
 from harness import distributed
 from harness.memory import Costs, Shape, Stage, training_stage
 from harness.train import lr_lambda, train_loop
@@ -67,7 +67,7 @@ class RepNoise:
     name = "repnoise"
 
     # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
-    check_config = text_rules_hook(ALPHA, STEPS, BATCH_SIZE, LR)
+    check_config = rules_hook(ALPHA, STEPS, BATCH_SIZE, LR, text=True)
 
     @classmethod
     def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:

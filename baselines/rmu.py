@@ -20,7 +20,7 @@ import torch
 
 from baselines.common import (ALPHA, BATCH_SIZE, LR, RETAIN_CORPORA, STEPS, TermLog, adamw, capture_outputs,
                               check_layer_ids, decoder_layers, forget_retain_batches, forget_texts, frozen_copy,
-                              only_train, text_rules_hook, run_info)
+                              only_train, rules_hook, run_info)
 from harness import distributed
 from harness.errors import ConfigError
 from harness.memory import Costs, Shape, Stage, training_stage
@@ -53,8 +53,8 @@ class RMU:
     name = "rmu"
 
     # Hooks (harness/hooks.py): what the runner asks of the defense before anything is built.
-    check_config = text_rules_hook(ALPHA, STEPS, BATCH_SIZE, LR,
-                              ("retain_corpus", one_of(*RETAIN_CORPORA), "retain or unrelated"))
+    check_config = rules_hook(ALPHA, STEPS, BATCH_SIZE, LR,
+                              ("retain_corpus", one_of(*RETAIN_CORPORA), "retain or unrelated"), text=True)
 
     @classmethod
     def memory_stages(cls, node, shape: Shape, c: Costs) -> list[Stage]:
