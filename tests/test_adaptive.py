@@ -35,6 +35,19 @@ def test_each_row_builds_against_specdef_on_every_linear(row):
         table1.attack.steps, table1.attack.eval_every, table1.attack.recover_threshold)
 
 
+
+@pytest.mark.parametrize("scale, adam_lr", [("tiny", 1e-3), ("documents", 1e-3), ("paper", 1e-5)])
+def test_the_adam_rows_take_their_worlds_table1_lr_and_the_preset_composes_at_every_scale(scale, adam_lr):
+    """full_adam and the rows "as full_adam" run at the scale's Table 1 value; at scale=paper the preset's
+    launcher is SLURM's, which has no n_jobs (a preset setting it would not compose there)."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for row in ("full_adam", "collapse", "spectral", "freeze_defended"):
+            cfg = compose(config_name="config", overrides=["experiment=adaptive", f"+adaptive={row}", f"scale={scale}"],
+                          return_hydra_config=True)
+            assert cfg.lr == adam_lr
+    assert ("Slurm" in cfg.hydra.launcher._target_) == (scale == "paper")
+
 def fake_record(row, defense, steps_to_recover, best, diverged, trainable, layers=None):
     """The fields of a pipeline record the renderer reads."""
     return {"status": "complete", "config": {"lr": 1e-3, "adaptive": {"row": row, "knowledge": "none"},
