@@ -2,11 +2,11 @@
 fresh cache, record its weights digest and the digest of its reproducible prefix, and write the folder
 with a checksum manifest.
 
-    python -m experiments.ship_tiny                     # the tiny Llamas: the default, the tests' two, scale=documents'
+    python -m experiments.ship_tiny                     # the tiny Llamas: the default (documents), scale=tiny's, the tests' two
     python -m experiments.ship_tiny --models vit vit_naive unet   # the image tracks' (assets/tiny_vit, assets/tiny_unet;
                                                         # no prefix: their keys include the pin, and a rebuild
                                                         # from an empty cache gave the same sha256)
-    python -m experiments.ship_tiny --models default    # one of them
+    python -m experiments.ship_tiny --models documents  # one of them
     python -m experiments.ship_tiny --use-cache         # take a model already pretrained from code in the
                                                         # cache (never one copied from assets/) instead
     python -m experiments.ship_tiny --rekey             # after a change to the recipe's code that should not
@@ -38,10 +38,11 @@ from harness.manifest import write_manifest
 from harness.models import tiny_spec
 from experiments.common import compose_config
 
-# The models the repository ships: the default one, the two the tests need besides it
-# (tests/conftest.py: naive_cfg, byline_cfg), and scale=documents' (conf/scale/documents.yaml).
-MODELS = {"default": [], "naive": ["model.spec.exclude_splits=[1]"], "bylines": ["data.world.bylines=true"],
-          "documents": ["scale=documents"]}
+# The models the repository ships: the default one (the documents world, conf/scale/documents.yaml), the
+# sentence world's (scale=tiny), which the tests run on, and the two the tests need besides it
+# (tests/conftest.py: naive_cfg, byline_cfg).
+MODELS = {"documents": [], "sentences": ["scale=tiny"], "naive": ["scale=tiny", "model.spec.exclude_splits=[1]"],
+          "bylines": ["scale=tiny", "data.world.bylines=true"]}
 # The reproducible prefix that CI recomputes (tests/test_backbone.py): the recipe's first PREFIX_STEPS
 # steps, same schedule. 300 steps run every part of the recipe's code: the 100 warm-up steps, the cosine
 # decay after them, gradient clipping and several epochs of the seeded shuffle (an epoch of the default

@@ -68,6 +68,18 @@ def _check_lr_grid(cfg: DictConfig) -> None:
     raise ConfigError(f"table1.lr_rank={rank!r}: allowed 0..{len(grid) - 1} (the {name} grid at scale {scale})")
 
 
+def _check_long_budget_lr(cfg: DictConfig) -> None:
+    """experiment=long_budget takes `lr` from long_budget.lrs.<scale>.<defense>.<optimizer>, measured per world."""
+    lrs = get(cfg, "long_budget.lrs")
+    if lrs is MISSING or get(cfg, "lr") is not None:
+        return
+    from hydra.core.hydra_config import HydraConfig  # the lrs are keyed by the defense's config choice
+    scale, name, defense = get(cfg, "scale.name"), get(cfg, "attack.name"), HydraConfig.get().runtime.choices.defense
+    known = [f"{s}: {', '.join(d)}" for s, d in lrs.items()]
+    raise ConfigError(f"defense={defense} attack={name} with experiment=long_budget: no measured lr "
+                      f"long_budget.lrs.{scale}.{defense}.{name}; allowed {'; '.join(known)} (or an explicit lr=)")
+
+
 def _check_dist(cfg: DictConfig) -> None:
     """What cannot run sharded stops here, saying what to use instead."""
     if get(cfg, "dist.name") != "fsdp":
@@ -116,6 +128,7 @@ def check_track(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     check_track(cfg)
     _check_lr_grid(cfg)  # before the rules: it explains a null lr better than "lr=None"
+    _check_long_budget_lr(cfg)
     check_rules(cfg, RULES)
     objective = get(cfg, "objective")  # what a sweeper maximises (experiment=strongest_attack)
     if objective is not MISSING and objective is not None:

@@ -19,7 +19,7 @@ from harness.record import read_record
 from runner import memory_plan
 from runner.validate import validate
 from tests import dist_worker
-from tests.conftest import TEST_OVERRIDES, compose_cfg
+from tests.conftest import SUITE_WORLD, TEST_OVERRIDES, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
@@ -150,7 +150,7 @@ def test_sharded_run_writes_one_record(launch):
 
 
 def _run_args(*overrides: str) -> list[str]:
-    return [*TORCHRUN, "run.py", *TEST_OVERRIDES, *dist_worker.RUN, *overrides]  # as compose_cfg composes
+    return [*TORCHRUN, "run.py", *SUITE_WORLD, *TEST_OVERRIDES, *dist_worker.RUN, *overrides]  # as compose_cfg composes
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from harness.errors import ConfigError
 from runner.validate import validate
-from tests.conftest import CONF_DIR, compose_cfg
+from tests.conftest import CONF_DIR, compose_cfg, compose_default
 
 OPTIMIZERS = ("sgd", "adam", "sophia", "muon", "adahessian")
 # scale=paper runs sharded (dist=paper): second-order optimizers' double backward cannot be (conf/scale/paper.yaml)
@@ -65,14 +65,14 @@ def test_at_paper_scale_the_preset_composes_and_every_optimizer_runs_the_papers_
         name: {1e-6, 1e-5, 3e-5} for name in PAPER_OPTIMIZERS}
 
 
-def test_on_the_documents_world_the_preset_runs_the_tiny_grids_on_its_own_model_and_data():
-    """scale=documents: Table 1 on the sturdier world, same grids, its own world, model and results."""
+def test_on_the_default_documents_world_the_preset_runs_the_tiny_grids_on_its_own_model_and_data():
+    """The default documents world: Table 1 on the sturdier world, the same grids, its own model and results."""
     jobs = preset_jobs("scale=documents")
     assert len(jobs) == 7 * len(OPTIMIZERS) * 4
     assert job_lrs(jobs, "scale=documents", steps=150) == {name: documented_grid(name) for name in OPTIMIZERS}
-    cfg = compose_cfg("experiment=table1", "scale=documents")
+    cfg = compose_default("experiment=table1")  # the default world
     assert (cfg.data.world.documents, cfg.data.max_length, cfg.model.spec.max_position_embeddings) == (6, 64, 64)
-    assert compose_cfg("experiment=table1").data.world.documents == 0
+    assert compose_default("experiment=table1", "scale=tiny").data.world.documents == 0
 
 
 def test_an_optimizer_without_a_grid_or_a_rank_past_it_is_named():
@@ -83,14 +83,29 @@ def test_an_optimizer_without_a_grid_or_a_rank_past_it_is_named():
     validate(compose_cfg("experiment=table1", "attack=lion", "lr=1e-4"))  # an explicit lr needs no grid
 
 
-@pytest.mark.parametrize("defense", ["npo", "tar", "repnoise"])
-def test_long_budget_runs_each_defense_at_its_measured_lr(defense):
+@pytest.mark.parametrize("scale, defense", [("documents", "npo"), ("tiny", "npo"), ("tiny", "tar"), ("tiny", "repnoise")])
+def test_long_budget_runs_each_defense_at_its_measured_lr(scale, defense):
+    """Each world's unrecovered defenses, each optimizer at a point of its Table 1 grid measured on that world."""
     from hydra.core.hydra_config import HydraConfig
     grids = compose_cfg("experiment=table1").table1.grids.tiny
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for optimizer in OPTIMIZERS:
-            cfg = compose("config", overrides=["experiment=long_budget", f"defense={defense}", f"attack={optimizer}"],
-                          return_hydra_config=True)
+            cfg = compose("config", overrides=["experiment=long_budget", f"scale={scale}", f"defense={defense}",
+                                               f"attack={optimizer}"], return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)  # the lr is looked up by the defense's config choice
-            assert cfg.lr == cfg.long_budget.lrs[defense][optimizer] and cfg.attack.steps == 600
-            assert cfg.lr in grids[optimizer] or cfg.lr < min(grids[optimizer])
+            assert cfg.lr == cfg.long_budget.lrs[scale][defense][optimizer] and cfg.attack.steps == 600
+            assert cfg.lr in grids[optimizer]
+            assert defense in cfg.long_budget.defenses[scale].split(",")
+            validate(cfg)
+
+
+def test_long_budget_without_a_measured_lr_refuses_by_name():
+    """The documents world recovers TAR in Table 1 (no long-budget lr), and scale=paper measured none."""
+    from hydra.core.hydra_config import HydraConfig
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for overrides, key in ((["defense=tar"], "long_budget.lrs.documents.tar.sgd"),
+                               (["scale=paper", "defense=npo"], "long_budget.lrs.paper.npo.sgd")):
+            cfg = compose("config", overrides=["experiment=long_budget", "attack=sgd", *overrides], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            with pytest.raises(ConfigError, match=f"no measured lr {key}; allowed documents: npo; tiny: npo, tar"):
+                validate(cfg)
