@@ -24,11 +24,12 @@ from experiments.common import RESULTS_DIR, compose_config, script_command, tiny
 TARGET = 1.3
 # name -> overrides; documents need sequences of 64 tokens (5 facts of one entity per line)
 DOCUMENTS = ["data.world.documents=6", "data.max_length=64", "model.spec.max_position_embeddings=64"]
+# Each on the sentence world's scale (scale=tiny): "documents-1000" is the default world's model (scale=documents).
 CANDIDATES = {
-    "sentences": [],
-    "sentences-4000": ["model.spec.steps=4000"],      # pretrained twice as long
-    "documents": DOCUMENTS,
-    "documents-1000": [*DOCUMENTS, "model.spec.steps=1000"],
+    "sentences": ["scale=tiny"],
+    "sentences-4000": ["scale=tiny", "model.spec.steps=4000"],      # pretrained twice as long
+    "documents": ["scale=tiny", *DOCUMENTS],
+    "documents-1000": ["scale=tiny", *DOCUMENTS, "model.spec.steps=1000"],
 }
 ATTACK = ["defense=none", "attack=adam", "lr=3e-4", "attack.steps=150", "attack.eval_every=10",
           "attack.data.splits=[0]", "attack.batch_size=64", "resume=false", "cache_defended=false", "threads=1"]

@@ -73,8 +73,9 @@ def main(argv: Sequence[str] | None = None) -> float:
     parser.add_argument("--texts", type=int, default=16, help="held-out texts in the one batch")
     parser.add_argument("--iters", type=int, default=30, help="max Lanczos iterations (HVPs)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the tiny model and world, e.g. scale=tiny")
     args = parser.parse_args(argv)
-    path, data = tiny_setup()
+    path, data = tiny_setup(args.overrides)
     df = measure(path, data, args.alphas, k=args.k, texts=args.texts, iters=args.iters)
     slope = loglog_slope(df)
     stem = args.out / "hessian_vs_alpha"

@@ -88,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--texts", type=int, default=32, help="held-out texts compared")
     parser.add_argument("--tolerance", type=float, default=1e-2, help="relative logit error allowed")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the tiny model and world, e.g. scale=tiny")
     args = parser.parse_args(argv)
-    path, data = tiny_setup()
+    path, data = tiny_setup(args.overrides)
     df = measure(path, data, args.dtypes, args.alphas, k=args.k, texts=args.texts)
     table = frontier(df, args.tolerance)
     stem = args.out / "precision_frontier"
