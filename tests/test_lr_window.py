@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from runner.lr_window import DIVERGED, NOT_RECOVERED, RECOVERED, Ladder, find_window
-from tests.conftest import CONF_DIR, TEST_OVERRIDES
+from tests.conftest import CONF_DIR, SUITE_WORLD, TEST_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,7 @@ def test_a_one_cell_sweep_runs_through_run_py_and_reports(tmp_path, tiny_path):
     folder (a subset: results/ is left alone)."""
     results = REPO / "results" / "lr_window_tiny"
     before = sorted((p.name, p.stat().st_mtime) for p in results.glob("*")) if results.exists() else None
-    cmd = [sys.executable, "run.py", "-m", "experiment=lr_window", "defense.alpha=1", "attack=sgd", "attack.undo=null",
+    cmd = [sys.executable, "run.py", "-m", "experiment=lr_window", *SUITE_WORLD, "defense.alpha=1", "attack=sgd", "attack.undo=null",
            "attack.steps=20", f"paths.output_root={tmp_path}", *TEST_OVERRIDES,
            "hydra.sweeper.scales.tiny.ladders.sgd=[1e-3,1e1]", "hydra.sweeper.points_per_decade=0.5",
            "hydra.sweeper.resolution=1", "hydra.sweeper.max_extension=0", "hydra.launcher.n_jobs=1"]

@@ -267,16 +267,17 @@ def test_readme_blocks_are_filled_from_the_generated_files(tmp_path):
 
 def _sweep_end(tmp_path, monkeypatch, *overrides: str) -> Path:
     """experiment=table1's sweep-end callback, as `python run.py -m experiment=table1 <overrides>` ends,
-    over one complete record; the working folder is tmp_path (the preset's out is results/table1_tiny)."""
+    over one complete record on the suite's world; the working folder is tmp_path (the preset's out there is
+    results/table1_tiny)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from tests.conftest import CONF_DIR
+    from tests.conftest import CONF_DIR, SUITE_WORLD
     monkeypatch.chdir(tmp_path)
     sweep = tmp_path / "sweep"
     (sweep / "0").mkdir(parents=True)
     (sweep / "0" / "result.json").write_text(json.dumps(make_record("npo", "sophia", 1e-2, final=0.3)))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=table1", *overrides, f"hydra.sweep.dir={sweep}",
+        cfg = compose("config", overrides=["experiment=table1", *SUITE_WORLD, *overrides, f"hydra.sweep.dir={sweep}",
                                            "+hydra.callbacks.report.plots=false"], return_hydra_config=True)
     instantiate(cfg.hydra.callbacks.report).on_multirun_end(cfg)
     return sweep
